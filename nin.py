@@ -1,0 +1,298 @@
+"""NiN (Network in Network, Lin, Chen & Yan 2014) and everything the scripts share.
+
+An mlpconv block is a k x k convolution followed by two 1 x 1 convolutions: a tiny MLP slid over every
+position. The last block emits one feature map per class and global average pooling turns each map into a
+logit, so the network has no fully connected layer at all.
+
+`python nin.py` prints every layer's output shape and the parameter count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+# Paths are anchored at this file, so the scripts work from any folder.
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+WEIGHTS_PATH = ROOT / "NiN.pth"
+CLASS_IDX_PATH = ROOT / "class_idx.json"
+RUNS_DIR = ROOT / "runs"
+
+IMAGE_SIZE = 128
+# Evaluation resizes the short side to IMAGE_SIZE / CROP_RATIO, then centre-crops (the ImageNet habit).
+CROP_RATIO = 0.875
+# ImageNet statistics: the usual choice, and close to flower_photos' own.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# split_data.py writes a fresh id into both train/ and val/; train.py refuses halves of different splits.
+SPLIT_ID_FILE = ".split_id"
+# The smallest input for which the three 3x3/2 poolings still leave one pixel.
+MIN_IMAGE_SIZE = 63
+
+
+class CLIError(Exception):
+    """A problem with the user's input or files: reported in one line, exit code 2, no traceback."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(), turning CLIError into a one-line message and exit code 2 (argparse's)."""
+    try:
+        main()
+    except CLIError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def warn(message: str) -> None:
+    """A problem the run survives (a bad file skipped): one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+def mlpconv(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, batch_norm: bool,
+            relu_on_output: bool = True) -> nn.Sequential:
+    """One mlpconv block: k x k conv, then two 1x1 convs; each followed by (BN and) ReLU.
+
+    With relu_on_output=False the block ends in a bare 1x1 conv: its output are the class maps, and a ReLU
+    there could clamp every logit to zero and freeze training (loss stuck at ln(num_classes)).
+    """
+    layers: list[nn.Module] = []
+    specs = [(in_ch, kernel, stride, padding), (out_ch, 1, 1, 0), (out_ch, 1, 1, 0)]
+    for i, (cin, k, s, p) in enumerate(specs):
+        is_output = i == len(specs) - 1 and not relu_on_output
+        layers.append(nn.Conv2d(cin, out_ch, k, s, p, bias=is_output or not batch_norm))
+        if not is_output:
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class NiN(nn.Module):
+    """NiN with the AlexNet-style geometry: mlpconv 96, 256, 384, num_classes; global average pooling.
+
+    faithful=True is the classic network (no batch norm, ReLU on the class maps, dropout 0.5) for comparison;
+    the default adds batch norm and leaves the class maps linear, which trains far faster and more reliably.
+    """
+
+    def __init__(self, num_classes: int, batch_norm: bool = True, dropout: float | None = None,
+                 faithful: bool = False) -> None:
+        super().__init__()
+        if faithful:
+            batch_norm = False
+        if dropout is None:
+            dropout = 0.5 if faithful else 0.0
+        self.num_classes = num_classes
+        pool = lambda: nn.MaxPool2d(3, stride=2)
+        self.features = nn.Sequential(
+            mlpconv(3, 96, 11, 4, 2, batch_norm), pool(), nn.Dropout(dropout),
+            mlpconv(96, 256, 5, 1, 2, batch_norm), pool(), nn.Dropout(dropout),
+            mlpconv(256, 384, 3, 1, 1, batch_norm), pool(), nn.Dropout(dropout),
+            mlpconv(384, num_classes, 3, 1, 1, batch_norm, relu_on_output=faithful),
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """One spatial map per class; the logits are their means (where the network 'looked')."""
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.class_maps(x))
+
+
+def model_config(model: NiN) -> dict[str, Any]:
+    """What it takes to rebuild the same architecture: stored next to the weights."""
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    dropout = next(m.p for m in model.modules() if isinstance(m, nn.Dropout))
+    relu_last = isinstance(model.features[-1][-1], nn.ReLU)
+    return {"num_classes": model.num_classes, "batch_norm": has_bn, "dropout": dropout, "faithful": relu_last}
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def load_image(path: str | os.PathLike, short_side: int | None = None) -> Image.Image:
+    """Open any image as RGB, upright (EXIF), transparency composited on white.
+
+    short_side lets JPEGs decode at a reduced scale (PIL draft mode) that still leaves at least that
+    many pixels on the short side: several times faster for big photos, and no visible difference after
+    the resize that follows.
+    """
+    with Image.open(path) as img:
+        if short_side is not None:
+            img.draft("RGB", (short_side, short_side))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = img.point(lambda v: v / 256).convert("L")  # 16-bit: keep the range, not the low byte
+        return img.convert("RGB")
+
+
+def resize_size(image_size: int) -> int:
+    """Short side before the centre crop of evaluation (and the side of the training cache)."""
+    return round(image_size / CROP_RATIO)
+
+
+def eval_tensor(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """The evaluation view of one image, as uint8 [3, size, size]: resize short side, centre crop.
+
+    train.py's validation and predict.py both call exactly this, so a prediction sees what validation saw.
+    """
+    img = load_image(path, resize_size(image_size))
+    img = TF.resize(img, resize_size(image_size))
+    img = TF.center_crop(img, image_size)
+    return TF.pil_to_tensor(img)
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] (any device) to the float input the network expects."""
+    mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=batch.device).view(1, 3, 1, 1)
+    return (batch.float() / 255 - mean) / std
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write to a temporary file beside path, flush it to disk, then rename it over path.
+
+    A crash at any moment leaves either the old complete file or the new complete one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make NiN.pth private to its writer
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
+
+
+def load_torch(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """torch.load with weights_only=True (a .pth can carry code; never run it), onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign or malicious files all end here
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"cannot load {what} {path}: {first_line}") from None
+    if not isinstance(obj, dict):
+        raise CLIError(f"{what} {path} does not hold a dictionary of weights")
+    return obj
+
+
+def save_class_names(classes: list[str], path: str | os.PathLike) -> None:
+    """class_idx.json in the classic format: {"0": "daisy", "1": "dandelion", ...}."""
+    save_json({str(i): name for i, name in enumerate(classes)}, path)
+
+
+def load_class_names(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"class index not found: {path} (train.py writes it)")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"{path} is not valid JSON: {error}") from None
+    if (not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values())
+            or sorted(mapping, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(mapping))]):
+        raise CLIError(f'{path} must map "0", "1", ... to class names, like {{"0": "daisy", "1": "dandelion"}}')
+    return [mapping[str(i)] for i in range(len(mapping))]
+
+
+def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike) -> None:
+    """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch({"model": state, "config": model_config(model), "classes": classes, "image_size": image_size},
+               path)
+
+
+def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[NiN, list[str], int]:
+    """Rebuild the model saved by save_weights, on any device (GPU weights load on a CPU-only machine).
+
+    Returns the model in eval mode, its class names and the image size it was trained at.
+    """
+    saved = load_torch(path, "weights")
+    if not {"model", "config", "classes", "image_size"} <= saved.keys():
+        raise CLIError(f"{path} is not a NiN.pth written by train.py")
+    model = NiN(**saved["config"])
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as error:
+        raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0]}") from None
+    return model.to(device).eval(), list(saved["classes"]), int(saved["image_size"])
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def describe(model: nn.Module, image_size: int) -> str:
+    """Each leaf layer's output shape for one image_size x image_size input, then the parameter count."""
+    lines = [f"{'layer':<40} output shape"]
+    hooks = [m.register_forward_hook(
+        lambda m, _, out, name=name: lines.append(f"{name + ' ' + type(m).__name__:<40} {tuple(out.shape)}"))
+        for name, m in model.named_modules() if not list(m.children())]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, image_size, image_size))
+    for h in hooks:
+        h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    lines.append(f"parameters: {params:,}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-classes", type=int, default=5, help="number of classes (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input side (default: %(default)s)")
+    parser.add_argument("--faithful", action="store_true", help="the classic NiN: no batch norm, dropout 0.5")
+    args = parser.parse_args()
+    if args.image_size < MIN_IMAGE_SIZE:
+        parser.error(f"--image-size must be at least {MIN_IMAGE_SIZE}")
+    if args.num_classes < 1:
+        parser.error("--num-classes must be at least 1")
+    print(describe(NiN(args.num_classes, faithful=args.faithful), args.image_size))
+
+
+if __name__ == "__main__":
+    main()

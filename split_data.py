@@ -1,0 +1,250 @@
+"""Split a folder of per-class image folders into data/train and data/val.
+
+With no --source, uses data/flower_photos, downloading and verifying the TensorFlow flower_photos archive
+first if it is not there. A photo's side (train or val) is a pure function of its bytes and --seed: the split
+is the same on every machine, identical photos never straddle train and val, and adding photos never moves
+the ones already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from nin import DATA_DIR, SPLIT_ID_FILE, CLIError, run_cli, warn
+
+ARCHIVE_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+ARCHIVE_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+ARCHIVE_BYTES = 228_813_984
+DEFAULT_SOURCE = DATA_DIR / "flower_photos"
+VAL_RATIO = 0.1
+SEED = 0
+
+
+# --------------------------------------------------------------------------------------------- download
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path) -> None:
+    """Fetch url into dest with a progress bar, via a .part file so dest is only ever complete."""
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(part, dest)
+    except OSError as error:
+        part.unlink(missing_ok=True)
+        raise CLIError(f"download of {url} failed ({error}); download it by hand and pass --archive FILE, "
+                       f"or pass --source DIR") from None
+
+
+def verify_archive(archive: Path) -> None:
+    """Refuse (and delete, if we downloaded it) an archive that is not the published one."""
+    if archive.stat().st_size != ARCHIVE_BYTES or sha256_of(archive) != ARCHIVE_SHA256:
+        raise CLIError(f"{archive} is not the flower_photos archive (size or sha256 differs); "
+                       f"delete it and run again")
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """Extract into a temporary folder beside dest, then rename: dest is complete or absent.
+
+    Members with absolute paths or '..' are refused outright (tarfile's 'data' filter would strip the
+    leading '/'); the filter refuses links leaving the folder and device files.
+    """
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in tqdm(members, desc=f"extract {archive.name}", unit="file"):
+                if member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts:
+                    raise tarfile.TarError(f"unsafe member {member.name!r}")
+                tar.extract(member, tmp, filter="data")
+        # The archive holds one top folder (flower_photos/); use it, whatever its name.
+        tops = [p for p in tmp.iterdir() if p.is_dir()]
+        os.replace(tops[0] if len(tops) == 1 else tmp, dest)
+    except (tarfile.TarError, OSError) as error:
+        raise CLIError(f"cannot extract {archive}: {error}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_flower_photos(dest: Path, archive: Path | None) -> None:
+    if archive is None:
+        archive = dest.parent / "flower_photos.tgz"
+        if not archive.exists():
+            download(ARCHIVE_URL, archive)
+        try:
+            verify_archive(archive)
+        except CLIError:
+            archive.unlink()
+            raise CLIError(f"the download of {ARCHIVE_URL} is corrupt (sha256 differs) and was deleted; "
+                           f"run again") from None
+    elif not archive.is_file():
+        raise CLIError(f"archive not found: {archive}")
+    else:
+        verify_archive(archive)
+    extract(archive, dest)
+
+
+# --------------------------------------------------------------------------------------------- split
+
+
+def list_classes(source: Path) -> dict[str, list[Path]]:
+    """Per-class files of source (hidden files and folders ignored)."""
+    if not source.is_dir():
+        raise CLIError(f"source folder not found: {source}")
+    classes = {d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+               for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if not classes:
+        raise CLIError(f"{source} has no class folders (expected {source}/<class>/<image>)")
+    return classes
+
+
+def is_readable_image(path: Path) -> bool:
+    """Decode the whole file (at reduced scale: fast), so truncated files are caught too."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))
+            img.load()
+        return True
+    except Exception:  # PIL raises many kinds of errors on bad files
+        return False
+
+
+def val_fraction(content_sha256: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the photo's bytes and the seed alone."""
+    digest = hashlib.sha256(f"{seed}:{content_sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign(files: Iterable[Path], val_ratio: float, seed: int, workers: int) -> dict[Path, str | None]:
+    """'train', 'val', or None (not an image) for each file."""
+    def side(path: Path) -> str | None:
+        if not is_readable_image(path):
+            return None
+        return "val" if val_fraction(sha256_of(path), seed) < val_ratio else "train"
+
+    files = list(files)
+    with ThreadPoolExecutor(workers) as pool:
+        sides = list(tqdm(pool.map(side, files), total=len(files), desc="hash and check", unit="img"))
+    return dict(zip(files, sides, strict=True))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_split(classes: dict[str, list[Path]], sides: dict[Path, str | None], out: Path) -> None:
+    """Build the new train/ and val/ in a temporary folder, then swap them in for the old ones.
+
+    An interruption while building leaves the old split untouched. The swap is four renames; if it is cut
+    between them, the .split_id files of train/ and val/ differ and train.py says to split again.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".split-*"):  # left by an earlier interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".split-"))
+    split_id = tmp.name
+    try:
+        for half in ("train", "val"):
+            for name in classes:
+                (tmp / half / name).mkdir(parents=True)
+            (tmp / half / SPLIT_ID_FILE).write_text(split_id + "\n")
+        for name, files in classes.items():
+            for f in files:
+                if sides[f] is not None:
+                    link_or_copy(f, tmp / sides[f] / name / f.name)
+        old = tmp / "old"
+        old.mkdir()
+        for half in ("train", "val"):
+            if (out / half).exists():
+                os.replace(out / half, old / half)
+        for half in ("train", "val"):
+            os.replace(tmp / half, out / half)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def split_table(classes: dict[str, list[Path]], sides: dict[Path, str | None]) -> str:
+    rows = [(name, sum(sides[f] == "train" for f in files), sum(sides[f] == "val" for f in files))
+            for name, files in classes.items()]
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'class':<{width}}  {'train':>6}  {'val':>5}  {'val %':>5}"]
+    lines += [f"{n:<{width}}  {t:>6}  {v:>5}  {100 * v / max(t + v, 1):>5.1f}" for n, t, v in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", type=Path, default=None,
+                   help=f"folder of per-class image folders (default: {DEFAULT_SOURCE}, downloaded if missing)")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="a local copy of flower_photos.tgz to extract instead of downloading")
+    p.add_argument("--out", type=Path, default=DATA_DIR,
+                   help="where train/ and val/ are written (default: %(default)s)")
+    p.add_argument("--val-ratio", type=float, default=VAL_RATIO,
+                   help="share of each class that goes to val/ (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=SEED,
+                   help="changes which photos go to val/ (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="threads that hash and check the photos (default: %(default)s)")
+    args = p.parse_args()
+    if not 0 < args.val_ratio < 1:
+        p.error("--val-ratio must be between 0 and 1")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    if args.source is not None and args.archive is not None:
+        p.error("give --source or --archive, not both")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    source = args.source or DEFAULT_SOURCE
+    if args.source is None and not source.is_dir():
+        fetch_flower_photos(source, args.archive)
+    classes = list_classes(source)
+    sides = assign((f for files in classes.values() for f in files), args.val_ratio, args.seed, args.workers)
+    for f, s in sides.items():
+        if s is None:
+            warn(f"skipped {f}: not a readable image")
+    empty = [name for name, files in classes.items() if not any(sides[f] for f in files)]
+    if empty:
+        raise CLIError(f"no readable images in class folder(s): {', '.join(empty)}")
+    write_split(classes, sides, args.out)
+    print(split_table(classes, sides))
+    print(f"wrote {args.out / 'train'} and {args.out / 'val'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,93 @@
+"""Shared helpers: tiny image folders drawn with PIL, and a way to run the scripts as a user would."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COLOURS = {"blue": (30, 60, 220), "green": (40, 190, 60), "red": (220, 40, 40)}
+
+
+def draw(path: Path, colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (80, 72),
+         mode: str = "RGB") -> Path:
+    """A shape of `colour` on a random grey background, different for every seed; saved in `mode`."""
+    rng = random.Random(seed)
+    grey = rng.randint(90, 170)
+    img = Image.new("RGB", size, (grey, grey, grey))
+    pen = ImageDraw.Draw(img)
+    w, h = size
+    x0, y0 = rng.randint(0, w // 3), rng.randint(0, h // 3)
+    x1, y1 = rng.randint(2 * w // 3, w), rng.randint(2 * h // 3, h)
+    jitter = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in colour)
+    (pen.ellipse if seed % 2 else pen.rectangle)((x0, y0, x1, y1), fill=jitter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "RGB":
+        img.save(path)
+    elif mode == "I;16":
+        Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257).save(path)  # 16-bit grey
+    else:
+        img.convert(mode).save(path)
+    return path
+
+
+def make_dataset(root: Path, per_class: int, start: int = 0) -> Path:
+    """root/<colour>/<n>.jpg for every colour: an easy three-class task."""
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(start, start + per_class):
+            draw(root / name / f"{i:03d}.jpg", colour, seed=1000 * c + i)
+    return root
+
+
+def run(script: str, *args: str | Path, cwd: Path, check: bool = True, timeout: float = 300,
+        ) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts from another folder, as a user would, with no display."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert [line for line in lines if ": error: " in line] == lines[-1:], result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+# Small enough for seconds on a CPU, enough steps (60) for batch norm's running statistics to settle.
+TRAIN_FLAGS = ("--epochs", "6", "--batch-size", "8", "--image-size", "64", "--lr", "0.05", "--warmup-epochs", "1",
+               "--workers", "2")
+
+
+@pytest.fixture(scope="session")
+def split_data_dir(tmp_path_factory) -> Path:
+    """A split of 3 colours x 40 drawn photos: data/train and data/val."""
+    base = tmp_path_factory.mktemp("colours")
+    make_dataset(base / "source", per_class=40)
+    run("split_data.py", "--source", base / "source", "--out", base / "data", "--val-ratio", "0.25", cwd=base)
+    return base / "data"
+
+
+@pytest.fixture(scope="session")
+def trained(split_data_dir, tmp_path_factory) -> dict[str, Path]:
+    """One short training run on the colour task; its outputs, shared by the tests that only read them."""
+    out = tmp_path_factory.mktemp("trained")
+    result = run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--weights", out / "NiN.pth",
+                 "--class-idx", out / "class_idx.json", "--out-dir", out / "run", cwd=out)
+    return {"dir": out, "weights": out / "NiN.pth", "class_idx": out / "class_idx.json",
+            "run": out / "run", "stdout": result.stdout}

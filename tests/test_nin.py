@@ -1,0 +1,135 @@
+"""nin.py: the architecture, the shared image preprocessing and the weight files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT, draw, run
+from PIL import Image
+
+import nin
+
+
+def expected_parameters(num_classes: int, batch_norm: bool = True) -> int:
+    """Counted from the paper's geometry: k*k*in*out weights per conv, plus BN's scale and shift (2*out), or a
+    bias (out) where there is no BN: everywhere in the faithful net, and on the very last conv by default."""
+    blocks = [(3, 96, 11), (96, 256, 5), (256, 384, 3), (384, num_classes, 3)]
+    convs = [(cin_, cout, k_) for cin, cout, k in blocks for cin_, k_ in ((cin, k), (cout, 1), (cout, 1))]
+    total = 0
+    for i, (cin, cout, k) in enumerate(convs):
+        has_bn = batch_norm and i < len(convs) - 1
+        total += cin * cout * k * k + (2 * cout if has_bn else cout)
+    return total
+
+
+@pytest.mark.parametrize("num_classes", [2, 5, 17])
+@pytest.mark.parametrize("size", [64, 96, 128, 224])
+def test_logit_shape_for_any_size_and_class_count(num_classes, size):
+    model = nin.NiN(num_classes).eval()
+    assert model(torch.randn(2, 3, size, size)).shape == (2, num_classes)
+
+
+@pytest.mark.parametrize("num_classes", [5, 10])
+def test_parameter_count_matches_the_geometry(num_classes):
+    count = sum(p.numel() for p in nin.NiN(num_classes).parameters())
+    assert count == expected_parameters(num_classes)
+    faithful = sum(p.numel() for p in nin.NiN(num_classes, faithful=True).parameters())
+    assert faithful == expected_parameters(num_classes, batch_norm=False)
+
+
+def test_default_class_maps_are_linear_and_faithful_is_classic():
+    default, faithful = nin.NiN(5), nin.NiN(5, faithful=True)
+    assert isinstance(default.features[-1][-1], torch.nn.Conv2d)  # no ReLU can zero the logits
+    assert isinstance(faithful.features[-1][-1], torch.nn.ReLU)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in faithful.modules())
+    assert nin.model_config(faithful) == {"num_classes": 5, "batch_norm": False, "dropout": 0.5, "faithful": True}
+
+
+def test_logits_are_the_means_of_the_class_maps():
+    model = nin.NiN(4).eval()
+    x = torch.randn(3, 3, 128, 128)
+    maps = model.class_maps(x)
+    assert maps.shape[:2] == (3, 4) and maps.shape[2] > 1
+    torch.testing.assert_close(model(x), maps.mean((2, 3)))
+
+
+def test_default_model_learns_from_a_random_init():
+    """The dead-logit trap: loss must leave ln(num_classes) within a few steps on separable data."""
+    torch.manual_seed(0)
+    model = nin.NiN(2)
+    x = torch.cat([torch.full((8, 3, 64, 64), 1.0), torch.full((8, 3, 64, 64), -1.0)]) + torch.randn(16, 3, 64, 64)
+    y = torch.tensor([0] * 8 + [1] * 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+
+
+def test_too_small_input_fails():
+    with pytest.raises(RuntimeError):
+        nin.NiN(5)(torch.randn(1, 3, nin.MIN_IMAGE_SIZE - 8, nin.MIN_IMAGE_SIZE - 8))
+
+
+def test_nin_script_prints_shapes_and_parameters(tmp_path):
+    out = run("nin.py", "--num-classes", "5", "--image-size", "224", cwd=tmp_path).stdout
+    assert "(1, 5, 6, 6)" in out  # the class maps at 224 px
+    assert f"parameters: {expected_parameters(5):,}" in out
+
+
+@pytest.mark.parametrize("mode,suffix", [("RGB", ".jpg"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"),
+                                         ("CMYK", ".jpg"), ("I;16", ".png"), ("LA", ".png")])
+def test_eval_tensor_accepts_every_colour_mode(tmp_path, mode, suffix):
+    path = draw(tmp_path / f"img{suffix}", (200, 30, 30), seed=1, size=(150, 100), mode=mode)
+    image = nin.eval_tensor(path, 64)
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+    if mode == "I;16":  # 16-bit greys keep their range instead of clipping to white
+        assert 40 < image.float().mean() < 220
+
+
+def test_eval_tensor_resizes_short_side_then_centre_crops(tmp_path):
+    img = Image.new("RGB", (300, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (100, 0, 200, 100))  # white middle third
+    img.save(tmp_path / "wide.png")
+    assert nin.eval_tensor(tmp_path / "wide.png", 64).float().mean() > 250  # only the middle survives
+
+
+def test_weights_round_trip_and_class_index(tmp_path):
+    model = nin.NiN(3, dropout=0.2)
+    nin.save_weights(model, ["a", "b", "c"], 96, tmp_path / "w.pth")
+    loaded, classes, size = nin.load_weights(tmp_path / "w.pth")
+    assert classes == ["a", "b", "c"] and size == 96 and not loaded.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    nin.save_class_names(classes, tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text()) == {"0": "a", "1": "b", "2": "c"}
+    assert nin.load_class_names(tmp_path / "c.json") == classes
+
+
+@pytest.mark.parametrize("text", ['["a", "b"]', '{"1": "a", "2": "b"}', '{"0": 3}', "{nope"])
+def test_malformed_class_index_is_a_clear_error(tmp_path, text):
+    (tmp_path / "c.json").write_text(text)
+    with pytest.raises(nin.CLIError):
+        nin.load_class_names(tmp_path / "c.json")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "NiN.pth"
+    target.write_bytes(b"old")
+
+    def explode(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        nin.atomic_write(target, explode)
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_repo_paths_do_not_depend_on_the_working_folder():
+    assert nin.ROOT == ROOT and nin.WEIGHTS_PATH.parent == ROOT and nin.DATA_DIR == ROOT / "data"

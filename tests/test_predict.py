@@ -1,0 +1,106 @@
+"""predict.py: top-k for files and folders, JSON, figures, every colour mode, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import COLOURS, assert_clean_error, draw, run
+
+import nin
+
+
+def predict(trained, *args, check: bool = True):
+    return run("predict.py", *args, "--weights", trained["weights"], "--class-idx", trained["class_idx"],
+               cwd=trained["dir"], check=check)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """One fresh drawing per colour, in every colour mode and format a user may have."""
+    folder = tmp_path_factory.mktemp("photos")
+    modes = [("RGB", ".jpg"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"), ("CMYK", ".jpg"),
+             ("I;16", ".png")]
+    return {(name, mode): draw(folder / f"{name}_{mode.replace(';', '')}{suffix}", colour, seed=500 + i,
+                               size=(120, 90), mode=mode)
+            for i, (name, colour) in enumerate(COLOURS.items()) for mode, suffix in modes}
+
+
+def test_json_top_k_and_correct_colours(trained, photos):
+    rgb = [photos[(name, "RGB")] for name in COLOURS]
+    results = json.loads(predict(trained, *rgb, "--json", "--top-k", "2").stdout)
+    assert [r["image"] for r in results] == [str(p) for p in rgb]
+    for name, result in zip(COLOURS, results, strict=True):
+        probs = [t["probability"] for t in result["top"]]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+        assert result["top"][0]["class"] == name
+
+
+def test_every_colour_mode_is_classified(trained, photos):
+    results = json.loads(predict(trained, *photos.values(), "--json", "--top-k", "9").stdout)
+    assert len(results) == len(photos)
+    for result in results:
+        assert len(result["top"]) == 3  # top-k is capped at the number of classes
+        assert abs(sum(t["probability"] for t in result["top"]) - 1) < 1e-3
+
+
+def test_text_output_and_no_display(trained, photos):
+    result = predict(trained, photos[("red", "RGB")])
+    assert result.stdout.startswith(f"{photos[('red', 'RGB')]}: red ")
+    assert "--save" in result.stdout  # no display: a hint instead of a blocked or crashed window
+
+
+def test_save_writes_a_figure(trained, photos, tmp_path):
+    figure = tmp_path / "figs" / "pred.png"
+    predict(trained, photos[("red", "RGB")], photos[("blue", "P")], "--save", figure)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_folders_are_searched_and_bad_files_skipped(trained, photos, tmp_path):
+    folder = next(iter(photos.values())).parent
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    result = predict(trained, folder, "--json")
+    assert len(json.loads(result.stdout)) == len(photos)
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+
+
+def test_weights_saved_on_another_device_load_on_the_cpu(trained, tmp_path):
+    """A GPU checkpoint holds CUDA tensors; load_weights maps them to the CPU. Simulated with meta tensors
+    where no GPU exists: torch.load must be told where to put them, or it fails."""
+    saved = torch.load(trained["weights"], weights_only=True)
+    device = "cuda" if torch.cuda.is_available() else "meta"
+    saved["model"] = {k: v.to(device) for k, v in saved["model"].items()}
+    torch.save(saved, tmp_path / "gpu.pth")
+    if device == "meta":
+        pytest.skip("no GPU here: meta tensors hold no values to load")
+    model, _, _ = nin.load_weights(tmp_path / "gpu.pth", "cpu")
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_class_index_that_disagrees_with_the_weights(trained, photos, tmp_path):
+    bad = tmp_path / "c.json"
+    nin.save_class_names(["blue", "green", "red", "purple"], bad)
+    result = run("predict.py", photos[("red", "RGB")], "--weights", trained["weights"], "--class-idx", bad,
+                 cwd=tmp_path, check=False)
+    assert_clean_error(result, "does not match")
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated", "not_a_pth"])
+def test_bad_weights_are_clear_errors(trained, photos, tmp_path, problem):
+    weights = tmp_path / "NiN.pth"
+    if problem == "truncated":
+        weights.write_bytes(trained["weights"].read_bytes()[:5000])
+    elif problem == "not_a_pth":
+        weights.write_text("hello")
+    result = run("predict.py", photos[("red", "RGB")], "--weights", weights, "--class-idx",
+                 trained["class_idx"], cwd=tmp_path, check=False)
+    assert_clean_error(result, str(weights))
+
+
+def test_missing_or_unreadable_image(trained, tmp_path):
+    assert_clean_error(predict(trained, tmp_path / "nope.jpg", check=False), "image not found")
+    (tmp_path / "fake.jpg").write_bytes(b"\x00" * 100)
+    assert_clean_error(predict(trained, tmp_path / "fake.jpg", check=False), "cannot read image")
+    assert_clean_error(predict(trained, tmp_path / "fake.jpg", "--top-k", "0", check=False), "--top-k")

@@ -1,0 +1,175 @@
+"""split_data.py: a reproducible, stable, all-or-nothing split of per-class folders."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import COLOURS, assert_clean_error, draw, make_dataset, run
+
+import nin
+import split_data
+from nin import CLIError
+
+
+def sides(data: Path) -> dict[str, str]:
+    """'class/file' -> 'train' or 'val' for every photo of a split."""
+    return {f"{f.parent.name}/{f.name}": half for half in ("train", "val")
+            for f in (data / half).glob("*/*") if f.is_file()}
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    return make_dataset(tmp_path / "source", per_class=30)
+
+
+def split(source: Path, out: Path, *flags: str, check: bool = True):
+    return run("split_data.py", "--source", source, "--out", out, *flags, cwd=out.parent, check=check)
+
+
+def test_split_is_reproducible_and_seed_dependent(source, tmp_path):
+    split(source, tmp_path / "a", "--val-ratio", "0.3")
+    split(source, tmp_path / "b", "--val-ratio", "0.3")
+    split(source, tmp_path / "c", "--val-ratio", "0.3", "--seed", "7")
+    assert sides(tmp_path / "a") == sides(tmp_path / "b")
+    assert sides(tmp_path / "a") != sides(tmp_path / "c")
+    assert len(sides(tmp_path / "a")) == 90
+    assert 10 <= list(sides(tmp_path / "a").values()).count("val") <= 45
+
+
+def test_adding_photos_never_moves_existing_ones(source, tmp_path):
+    split(source, tmp_path / "data", "--val-ratio", "0.3")
+    before = sides(tmp_path / "data")
+    make_dataset(source, per_class=10, start=30)
+    split(source, tmp_path / "data", "--val-ratio", "0.3")
+    after = sides(tmp_path / "data")
+    assert len(after) == 120
+    assert {k: after[k] for k in before} == before
+
+
+def test_identical_photos_land_on_the_same_side(source, tmp_path):
+    for i in range(20):  # the same bytes under two classes, as in flower_photos' roses/tulips
+        (source / "green" / f"dup{i}.jpg").write_bytes((source / "red" / f"{i:03d}.jpg").read_bytes())
+    split(source, tmp_path / "data", "--val-ratio", "0.5")
+    s = sides(tmp_path / "data")
+    assert all(s[f"green/dup{i}.jpg"] == s[f"red/{i:03d}.jpg"] for i in range(20))
+
+
+def test_prints_a_table_of_counts(source, tmp_path):
+    out = split(source, tmp_path / "data", "--val-ratio", "0.3").stdout
+    s = sides(tmp_path / "data")
+    for name in COLOURS:
+        train = sum(1 for k, v in s.items() if k.startswith(name + "/") and v == "train")
+        row = next(line.split() for line in out.splitlines() if line.startswith(name))
+        assert row[1:3] == [str(train), str(30 - train)]
+    assert next(line for line in out.splitlines() if line.startswith("total")).split()[1:3] == [
+        str(list(s.values()).count("train")), str(list(s.values()).count("val"))]
+
+
+def test_bad_files_are_skipped_with_a_warning(source, tmp_path):
+    (source / "red" / "notes.txt").write_text("not an image")
+    (source / "red" / "empty.jpg").write_bytes(b"")
+    good = (source / "blue" / "000.jpg").read_bytes()
+    (source / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    result = split(source, tmp_path / "data")
+    for name in ("notes.txt", "empty.jpg", "truncated.jpg"):
+        assert f"skipped {source}" in result.stderr and name in result.stderr
+        assert not list((tmp_path / "data").glob(f"*/*/{name}"))
+    assert len(sides(tmp_path / "data")) == 90
+
+
+def test_old_split_is_replaced_completely(source, tmp_path):
+    data = tmp_path / "data"
+    draw(data / "train" / "purple" / "old.jpg", (120, 0, 120), seed=1)
+    draw(data / "val" / "red" / "stale.jpg", (200, 0, 0), seed=2)
+    split(source, data)
+    assert sorted(p.name for p in (data / "train").iterdir() if p.is_dir()) == sorted(COLOURS)
+    assert not list(data.glob("*/*/stale.jpg"))
+    assert sorted(p.name for p in data.iterdir()) == ["train", "val"]
+    ids = {(data / half / nin.SPLIT_ID_FILE).read_text() for half in ("train", "val")}
+    assert len(ids) == 1
+
+
+def test_interrupted_split_leaves_the_old_one_untouched(source, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    split(source, data)
+    before = sides(data)
+    calls = 0
+
+    def interrupted_copy(src, dst):
+        nonlocal calls
+        calls += 1
+        if calls == 40:
+            raise KeyboardInterrupt
+        dst.write_bytes(src.read_bytes())
+
+    monkeypatch.setattr(split_data, "link_or_copy", interrupted_copy)
+    classes = split_data.list_classes(source)
+    assignment = split_data.assign([f for fs in classes.values() for f in fs], 0.5, 0, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        split_data.write_split(classes, assignment, data)
+    assert sides(data) == before
+    assert sorted(p.name for p in data.iterdir()) == ["train", "val"]  # no temporary folder left behind
+
+
+def test_missing_or_empty_source_is_a_clear_error(tmp_path):
+    data = tmp_path / "data"
+    assert_clean_error(split(tmp_path / "nowhere", data, check=False), "source folder not found")
+    (tmp_path / "flat").mkdir()
+    draw(tmp_path / "flat" / "a.jpg", (1, 2, 3), seed=1)
+    assert_clean_error(split(tmp_path / "flat", data, check=False), "no class folders")
+    (tmp_path / "flat" / "empty_class").mkdir()
+    assert_clean_error(split(tmp_path / "flat", data, check=False), "empty_class")
+    assert not data.exists()
+
+
+def test_bad_flags_are_rejected(source, tmp_path):
+    for ratio in ("0", "1", "-0.2", "1.5"):
+        assert_clean_error(split(source, tmp_path / "data", "--val-ratio", ratio, check=False), "--val-ratio")
+
+
+def test_wrong_archive_is_refused_and_nothing_extracted(tmp_path):
+    fake = tmp_path / "flower_photos.tgz"
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(make_dataset(tmp_path / "flower_photos", per_class=2), arcname="flower_photos")
+    out = tmp_path / "data"
+    result = run("split_data.py", "--archive", fake, "--out", out, cwd=tmp_path, check=False)
+    if (split_data.DEFAULT_SOURCE).is_dir():  # a real copy is already in data/: --archive is not needed
+        pytest.skip("data/flower_photos exists in this checkout")
+    assert_clean_error(result, "not the flower_photos archive")
+    assert not out.exists() or not list(out.glob("*/*/*"))
+
+
+def tar_with(member: tarfile.TarInfo, payload: bytes = b"x") -> Path:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        member.size = len(payload) if member.isfile() else 0
+        tar.addfile(member, io.BytesIO(payload) if member.isfile() else None)
+    return buffer
+
+
+@pytest.mark.parametrize("name,kind,target", [("../escape.txt", tarfile.REGTYPE, ""),
+                                              ("/tmp/absolute.txt", tarfile.REGTYPE, ""),
+                                              ("flower_photos/link", tarfile.SYMTYPE, "/etc/passwd"),
+                                              ("flower_photos/dev", tarfile.CHRTYPE, "")])
+def test_extraction_never_writes_outside_its_folder(tmp_path, name, kind, target):
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname = kind, target
+    archive = tmp_path / "evil.tar"
+    archive.write_bytes(tar_with(member).getvalue())
+    (tmp_path / "data").mkdir()
+    with pytest.raises(CLIError):
+        split_data.extract(archive, tmp_path / "data" / "flower_photos")
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path / "data" / "flower_photos").exists()
+
+
+def test_extraction_of_a_good_archive(tmp_path):
+    make_dataset(tmp_path / "src" / "flower_photos", per_class=2)
+    archive = tmp_path / "good.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "flower_photos", arcname="flower_photos")
+    split_data.extract(archive, tmp_path / "flower_photos")
+    assert len(list((tmp_path / "flower_photos").glob("*/*.jpg"))) == 6

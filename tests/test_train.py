@@ -1,0 +1,147 @@
+"""train.py: end to end on a drawn three-colour task, resume, the streaming path, and its errors."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TRAIN_FLAGS, assert_clean_error, draw, run
+
+import nin
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_learns_and_writes_every_output(trained):
+    rows = read_metrics(trained["run"] / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    best = max(float(r["val_acc"]) for r in rows)
+    assert best >= 0.9  # three classes: chance is 0.33
+    model, classes, size = nin.load_weights(trained["weights"])
+    assert classes == ["blue", "green", "red"] and size == 64 and model.num_classes == 3
+    assert nin.load_class_names(trained["class_idx"]) == classes
+    checkpoint = torch.load(trained["run"] / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 6 and checkpoint["best_acc"] == best and checkpoint["classes"] == classes
+    assert {"model", "optimizer", "scheduler", "history", "args"} <= checkpoint.keys()
+    assert f"best val accuracy {best:.4f}" in trained["stdout"]
+
+
+def test_resume_continues_at_the_right_epoch(split_data_dir, tmp_path):
+    """Interrupt a run after its first saved epoch, resume it, and get every epoch exactly once."""
+    out = tmp_path / "run"
+    flags = [*TRAIN_FLAGS, "--epochs", "3", "--data-dir", split_data_dir, "--out-dir", out,
+             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
+    proc = subprocess.Popen([sys.executable, ROOT / "train.py", *map(str, flags)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    done = len(read_metrics(out / "metrics.csv"))
+    if done < 3:  # interrupted mid-run: a one-line message, no traceback
+        assert proc.returncode == 2 and "--resume" in stderr and "Traceback" not in stderr
+    resumed = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
+    if done < 3:
+        assert f"after epoch {done}" in resumed.stdout
+    assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 3
+
+
+def test_streaming_path_without_cache(split_data_dir, tmp_path):
+    result = run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--epochs", "2", "--no-cache",
+                 "--workers", "1", "--out-dir", tmp_path, "--weights", tmp_path / "NiN.pth",
+                 "--class-idx", tmp_path / "c.json", cwd=tmp_path)
+    assert len(read_metrics(tmp_path / "metrics.csv")) == 2
+    assert (tmp_path / "NiN.pth").is_file() and "best val accuracy" in result.stdout
+
+
+def test_decoded_images_are_cached_and_reused(trained, split_data_dir):
+    cached = sorted(p.name for p in (split_data_dir / ".cache").iterdir())
+    assert any(name.startswith("train-64px-") for name in cached)
+    assert any(name.startswith("val-64px-") for name in cached)
+
+
+def test_cache_is_rebuilt_when_the_photos_change(tmp_path, split_data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    flags = [*TRAIN_FLAGS, "--epochs", "1", "--data-dir", data, "--out-dir", tmp_path / "run",
+             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json"]
+    run("train.py", *flags, cwd=tmp_path)
+    first = sorted((data / ".cache").iterdir())
+    draw(data / "train" / "red" / "new.jpg", (220, 40, 40), seed=99)
+    run("train.py", *flags, cwd=tmp_path)
+    second = sorted((data / ".cache").iterdir())
+    assert len(second) == 2 and first != second  # a new train cache replaced the stale one
+    assert [p for p in first if "val-" in p.name] == [p for p in second if "val-" in p.name]
+
+
+def test_augmentation_is_batched_crop_and_flip():
+    import train
+
+    torch.manual_seed(0)
+    flat = torch.arange(16, dtype=torch.uint8).mul(15).view(16, 1, 1, 1).expand(16, 3, 40, 40)
+    out = train.random_resized_crop_flip(flat, 24, min_scale=0.25)
+    assert out.shape == (16, 3, 24, 24)  # each crop comes from its own image, none from a neighbour
+    torch.testing.assert_close(out, flat[:, :, :24, :24].float())
+
+    ramp = torch.linspace(0, 255, 40).to(torch.uint8).view(1, 1, 1, 40).expand(200, 3, 40, 40)
+    out = train.random_resized_crop_flip(ramp, 24, min_scale=0.25)
+    rising = (out[:, 0, 0, -1] > out[:, 0, 0, 0]).float().mean()
+    assert 0.35 < rising < 0.65  # about half are mirrored
+    zoom = (out[:, 0, 0, -1] - out[:, 0, 0, 0]).abs()
+    assert zoom.min() < 0.6 * zoom.max()  # crops of different sizes
+
+
+def test_missing_data_says_to_run_split_data(tmp_path):
+    result = run("train.py", "--data-dir", tmp_path / "data", cwd=tmp_path, check=False)
+    assert_clean_error(result, "split_data.py")
+
+
+def test_empty_class_folder_is_a_clear_error(tmp_path, split_data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    (data / "train" / "purple").mkdir()
+    (data / "val" / "purple").mkdir()
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, cwd=tmp_path, check=False)
+    assert_clean_error(result, "purple")
+
+
+def test_train_and_val_with_different_classes(tmp_path, split_data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    shutil.rmtree(data / "val" / "green")
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, cwd=tmp_path, check=False)
+    assert_clean_error(result, "different classes")
+
+
+def test_half_swapped_split_is_refused(tmp_path, split_data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    (data / "val" / ".split_id").write_text("another run\n")
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, cwd=tmp_path, check=False)
+    assert_clean_error(result, "split_data.py")
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "-1"), ("--batch-size", "0"), ("--image-size", "32"),
+                                        ("--lr", "0"), ("--min-crop-scale", "1.5")])
+def test_nonsense_flags_are_refused(tmp_path, flag, value):
+    assert_clean_error(run("train.py", flag, value, cwd=tmp_path, check=False), flag)
+
+
+def test_help_documents_every_flag(tmp_path):
+    out = run("train.py", "--help", cwd=tmp_path).stdout
+    for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--optimizer", "--schedule",
+                 "--image-size", "--workers", "--seed", "--weights", "--class-idx", "--out-dir", "--resume"):
+        assert flag in out

@@ -1,0 +1,405 @@
+"""Train NiN from scratch on data/train, validating on data/val.
+
+Each photo is decoded once per run into an in-memory uint8 cache (kept on the training device, and saved
+under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip) is done per
+batch on that device. --no-cache streams from disk through DataLoader workers instead, for datasets that do
+not fit in memory. Writes the best-val weights (NiN.pth), the class map (class_idx.json), and under --out-dir
+a metrics CSV and a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from nin import (
+    CLASS_IDX_PATH,
+    DATA_DIR,
+    IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    RUNS_DIR,
+    SPLIT_ID_FILE,
+    WEIGHTS_PATH,
+    CLIError,
+    NiN,
+    atomic_write,
+    eval_tensor,
+    load_image,
+    load_torch,
+    normalize,
+    resize_size,
+    run_cli,
+    save_class_names,
+    save_torch,
+    save_weights,
+    warn,
+)
+
+# Defaults: every one is a flag below.
+EPOCHS = 60
+BATCH_SIZE = 64
+LR = 0.05
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+WARMUP_EPOCHS = 2
+STEP_EPOCHS = 30
+LABEL_SMOOTHING = 0.1
+MIN_CROP_SCALE = 0.25
+DROPOUT = 0.0
+SEED = 0
+WORKERS = min(8, os.cpu_count() or 1)
+CACHE_FOLDER = ".cache"  # inside --data-dir
+
+
+# --------------------------------------------------------------------------------------------- arguments
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding train/ and val/")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per optimizer step")
+    p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    p.add_argument("--momentum", type=float, default=MOMENTUM, help="SGD momentum (nesterov) / Adam beta1")
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="L2 penalty (decoupled for adamw)")
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd", help="optimizer")
+    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                   help="cosine: linear warmup then cosine decay to 0, stepped per batch; "
+                        "step: x0.1 every --step-epochs epochs (the classic recipe)")
+    p.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS, help="linear warmup (cosine only)")
+    p.add_argument("--step-epochs", type=int, default=STEP_EPOCHS, help="epochs between x0.1 (step only)")
+    p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="cross-entropy smoothing")
+    p.add_argument("--min-crop-scale", type=float, default=MIN_CROP_SCALE,
+                   help="smallest area share of a random-resized crop")
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="training and evaluation input side")
+    p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout between mlpconv blocks")
+    p.add_argument("--faithful", action="store_true",
+                   help="the classic NiN (no batch norm, ReLU on the class maps, dropout 0.5)")
+    p.add_argument("--seed", type=int, default=SEED, help="seeds weights, shuffling and augmentation")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if present, else cpu)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast on CUDA (ignored on the CPU)")
+    p.add_argument("--workers", type=int, default=WORKERS,
+                   help="threads decoding the cache, or DataLoader processes with --no-cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="stream photos from disk every epoch instead of decoding them once into memory")
+    p.add_argument("--weights", type=Path, default=WEIGHTS_PATH, help="where the best-val weights go")
+    p.add_argument("--class-idx", type=Path, default=CLASS_IDX_PATH, help="where the class map goes")
+    p.add_argument("--out-dir", type=Path, default=RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out-dir/checkpoint.pth, with its own settings")
+    args = p.parse_args()
+    checks = [(args.epochs >= 1, "--epochs must be at least 1"),
+              (args.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two images)"),
+              (args.lr > 0, "--lr must be positive"),
+              (args.weight_decay >= 0, "--weight-decay must not be negative"),
+              (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+              (0 < args.min_crop_scale <= 1, "--min-crop-scale must be in (0, 1]"),
+              (args.image_size >= MIN_IMAGE_SIZE, f"--image-size must be at least {MIN_IMAGE_SIZE}"),
+              (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+              (args.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
+              (args.step_epochs >= 1, "--step-epochs must be at least 1"),
+              (args.workers >= 0, "--workers must not be negative")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    return args
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def find_images(split_dir: Path) -> ImageFolder:
+    """ImageFolder's listing of split_dir, with its errors turned into advice."""
+    if not split_dir.is_dir():
+        raise CLIError(f"{split_dir} not found: run `python split_data.py` first")
+    try:
+        return ImageFolder(split_dir)
+    except FileNotFoundError as error:
+        raise CLIError(f"{split_dir}: {error}") from None
+
+
+def check_same_split(train: ImageFolder, val: ImageFolder, train_dir: Path, val_dir: Path) -> None:
+    if train.classes != val.classes:
+        raise CLIError(f"{train_dir} and {val_dir} have different classes: "
+                       f"{train.classes} vs {val.classes}")
+    ids = [d / SPLIT_ID_FILE for d in (train_dir, val_dir)]
+    if all(p.exists() for p in ids) and ids[0].read_text() != ids[1].read_text():
+        raise CLIError(f"{train_dir} and {val_dir} come from different runs of split_data.py "
+                       f"(it was interrupted?): run it again")
+
+
+def train_tensor(path: str, image_size: int) -> torch.Tensor:
+    """A training photo for the cache: short side resized as for evaluation, centre square kept, uint8.
+
+    The random crops are cut from this square per batch, on the training device.
+    """
+    side = resize_size(image_size)
+    img = load_image(path, side)
+    return TF.pil_to_tensor(TF.center_crop(TF.resize(img, side), side))
+
+
+def decode_all(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int,
+               desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every photo once (threads: PIL releases the GIL), skipping unreadable ones with a warning."""
+    def decode(sample: tuple[str, int]) -> torch.Tensor | None:
+        try:
+            return to_tensor(sample[0], image_size)
+        except Exception as error:  # PIL raises many kinds of errors on bad files
+            warn(f"skipped {sample[0]}: {error}")
+            return None
+
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        images = list(tqdm(pool.map(decode, samples), total=len(samples), desc=desc, unit="img"))
+    keep = [i for i, img in enumerate(images) if img is not None]
+    if not keep:
+        raise CLIError(f"no readable images for {desc}")
+    return (torch.stack([images[i] for i in keep]),
+            torch.tensor([samples[i][1] for i in keep], dtype=torch.long))
+
+
+def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int, desc: str,
+                  cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_all, remembered in cache_dir under a key made of the file list (names, sizes, times) and size."""
+    key = hashlib.sha256(f"{to_tensor.__name__}:{image_size}".encode())
+    for path, label in samples:
+        st = os.stat(path)
+        key.update(f"{path}:{label}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    cache_file = cache_dir / f"{desc}-{image_size}px-{key.hexdigest()[:16]}.pt"
+    if cache_file.is_file():
+        try:
+            cached = load_torch(cache_file, "cache")
+            return cached["images"], cached["labels"]
+        except (CLIError, KeyError):
+            warn(f"ignored a damaged cache file {cache_file}")
+    images, labels = decode_all(samples, to_tensor, image_size, workers, desc)
+    for stale in cache_dir.glob(f"{desc}-{image_size}px-*.pt"):
+        stale.unlink(missing_ok=True)
+    save_torch({"images": images, "labels": labels}, cache_file)
+    return images, labels
+
+
+class StreamedImages(Dataset):
+    """--no-cache: the same uint8 tensors as the cache, decoded on the fly in DataLoader workers."""
+
+    def __init__(self, samples: list[tuple[str, int]], to_tensor, image_size: int) -> None:
+        self.samples, self.to_tensor, self.image_size = samples, to_tensor, image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return self.to_tensor(path, self.image_size), label
+
+
+def random_resized_crop_flip(images: torch.Tensor, size: int, min_scale: float) -> torch.Tensor:
+    """Random-resized crop (area min_scale..1, aspect 3/4..4/3) and horizontal flip for a whole batch.
+
+    One affine_grid + grid_sample call on the batch's device instead of a Python loop over images.
+    Returns float images in [0, 255].
+    """
+    n, device = images.shape[0], images.device
+    area = torch.empty(n, device=device).uniform_(min_scale, 1)
+    log_aspect = torch.empty(n, device=device).uniform_(math.log(3 / 4), math.log(4 / 3))
+    width = (area * log_aspect.exp()).sqrt().clamp(max=1)
+    height = (area / log_aspect.exp()).sqrt().clamp(max=1)
+    cx = (torch.rand(n, device=device) * 2 - 1) * (1 - width)
+    cy = (torch.rand(n, device=device) * 2 - 1) * (1 - height)
+    flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = height, cy
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+    """Slices of in-memory tensors; when shuffling, the incomplete last batch is dropped (batch norm)."""
+    n = len(labels)
+    order = torch.randperm(n, device=images.device) if shuffle else torch.arange(n, device=images.device)
+    stop = max(n // batch_size, 1) * batch_size if shuffle else n
+    for start in range(0, min(stop, n), batch_size):
+        idx = order[start:start + batch_size]
+        yield images[idx], labels[idx]
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    # No weight decay on biases and batch-norm parameters: it only fights their scale.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    optimizer = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(groups, lr=args.lr, betas=(args.momentum, 0.999))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per batch."""
+    if args.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, args.step_epochs * steps_per_epoch, gamma=0.1)
+    total = args.epochs * steps_per_epoch
+    warmup = min(round(args.warmup_epochs * steps_per_epoch), total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total - warmup)
+    if warmup == 0:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def train_one_epoch(model, optimizer, scheduler, loader, steps: int, args, device, epoch: int,
+                    autocast) -> tuple[float, float]:
+    model.train()
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False)
+    start = time.perf_counter()
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = normalize(random_resized_crop_flip(images, args.image_size, args.min_crop_scale))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device,
+             autocast) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in batches(images, labels, batch_size, shuffle=False):
+        x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss_sum / len(labels), correct / len(labels)
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    """The whole CSV rewritten from the checkpoint's history: after a resume, no epoch twice or missing."""
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    atomic_write(path, write, mode="w")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    args = parse_args()
+    checkpoint_path = args.out_dir / "checkpoint.pth"
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_torch(checkpoint_path, "checkpoint")
+        keep = {"device": args.device, "workers": args.workers}
+        args = argparse.Namespace(**{**checkpoint["args"], **keep})
+        for name in ("data_dir", "weights", "class_idx", "out_dir"):
+            setattr(args, name, Path(getattr(args, name)))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+
+    train_dir, val_dir = args.data_dir / "train", args.data_dir / "val"
+    train_set, val_set = find_images(train_dir), find_images(val_dir)
+    check_same_split(train_set, val_set, train_dir, val_dir)
+    classes = train_set.classes
+    print(f"{len(train_set)} training and {len(val_set)} validation images, {len(classes)} classes; "
+          f"device {device}")
+
+    cache_dir = args.data_dir / CACHE_FOLDER
+    decode = decode_all if args.no_cache else partial(cached_decode, cache_dir=cache_dir)
+    val_images, val_labels = decode(val_set.samples, eval_tensor, args.image_size, args.workers, "val")
+    val_images, val_labels = val_images.to(device), val_labels.to(device)
+    if args.no_cache:
+        loader = DataLoader(StreamedImages(train_set.samples, train_tensor, args.image_size), args.batch_size,
+                            shuffle=True, drop_last=len(train_set) >= args.batch_size,
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            persistent_workers=args.workers > 0)
+        epoch_batches = lambda: loader
+        steps = len(loader)
+    else:
+        train_images, train_labels = decode(train_set.samples, train_tensor, args.image_size, args.workers,
+                                            "train")
+        train_images, train_labels = train_images.to(device), train_labels.to(device)
+        steps = max(len(train_labels) // args.batch_size, 1)
+        epoch_batches = lambda: batches(train_images, train_labels, args.batch_size, shuffle=True)
+
+    model = NiN(len(classes), dropout=None if args.faithful else args.dropout, faithful=args.faithful)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args, steps)
+    start_epoch, best_acc, history = 1, 0.0, []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, best_acc, history = checkpoint["epoch"] + 1, checkpoint["best_acc"], checkpoint["history"]
+        torch.set_rng_state(checkpoint["rng"])
+        print(f"resumed {checkpoint_path} after epoch {checkpoint['epoch']} (best val acc {best_acc:.4f})")
+    save_class_names(classes, args.class_idx)
+
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, epoch_batches(), steps, args,
+                                                    device, epoch, autocast)
+            val_loss, val_acc = evaluate(model, val_images, val_labels, args.batch_size * 2, device, autocast)
+            seconds = time.perf_counter() - start
+            history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
+                            "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4), "lr": f"{lr:.3g}",
+                            "seconds": round(seconds, 1)})
+            best = val_acc > best_acc
+            if best:
+                best_acc = val_acc
+                save_weights(model, classes, args.image_size, args.weights)
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
+                        "history": history, "rng": torch.get_rng_state(), "classes": classes,
+                        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
+                       checkpoint_path)
+            write_metrics(history, args.out_dir / "metrics.csv")
+            tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                       f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
+                       f"{seconds:.1f}s")
+    except KeyboardInterrupt:
+        raise CLIError(f"interrupted; the last finished epoch is saved in {checkpoint_path}: "
+                       f"`python train.py --resume` continues") from None
+    print(f"best val accuracy {best_acc:.4f}; weights in {args.weights}, classes in {args.class_idx}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
