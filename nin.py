@@ -167,10 +167,11 @@ def eval_tensor(path: str | os.PathLike, image_size: int) -> torch.Tensor:
 
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, 3, H, W] (any device) to the float input the network expects."""
-    mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1)
+    """Images [N, 3, H, W] in 0..255, uint8 or float, on any device, to the float input the network expects."""
     std = torch.tensor(STD, device=batch.device).view(1, 3, 1, 1)
-    return (batch.float() / 255 - mean) / std
+    mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1)
+    # (x / 255 - mean) / std as one fused multiply-add: a third of the memory traffic.
+    return torch.addcmul(-mean / std, batch.float(), 1 / (255 * std))
 
 
 # --------------------------------------------------------------------------------------------- files
