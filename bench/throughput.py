@@ -1,0 +1,121 @@
+"""Training throughput (images/s): the model alone, this project's input pipeline, and the classic one.
+
+    python bench/throughput.py                      # CPU or GPU, whichever train.py would pick
+    python bench/throughput.py --device cuda --batch-size 256
+
+Same model, batch size, image size and optimizer step in all three, measured one after the other in one run:
+- model-only: synthetic tensors already on the device (the ceiling for any input pipeline);
+- project: train.py's decode-once uint8 cache on the device, crops and flips per batch on the device;
+- classic: ImageFolder + per-sample PIL RandomResizedCrop/flip/ToTensor/Normalize + DataLoader workers.
+Needs data/train (python split_data.py). The one-off decoding of the cache is timed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train
+from nin import DATA_DIR, IMAGE_SIZE, MEAN, STD, NiN, run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding train/ (default: %(default)s)")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE, help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=train.WORKERS,
+                   help="decoding threads / classic DataLoader workers (default: %(default)s)")
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(batches, step, batch_size: int, warmup: int, steps: int, device: torch.device) -> float:
+    """Run warmup + steps batches through step(images, labels); time the last `steps`, input included."""
+    batches = iter(batches)
+    for images, labels in itertools.islice(batches, warmup):
+        step(images, labels)
+    sync(device)
+    start = time.perf_counter()
+    for images, labels in itertools.islice(batches, steps):
+        step(images, labels)
+    sync(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def forever(make_iterable):
+    while True:
+        yield from make_iterable()
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    train_set = train.find_images(args.data_dir / "train")
+    opts = argparse.Namespace(lr=train.LR, momentum=train.MOMENTUM, weight_decay=train.WEIGHT_DECAY,
+                              optimizer="sgd")
+    model = NiN(len(train_set.classes)).to(device, memory_format=torch.channels_last).train()
+    optimizer = train.make_optimizer(model, opts)
+    bs, size = args.batch_size, args.image_size
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({name}), batch {bs}, {size} px, {len(train_set)} training photos")
+
+    def step(x: torch.Tensor, labels: torch.Tensor) -> None:
+        train.optimize(model, optimizer, x, labels, train.LABEL_SMOOTHING, autocast)
+
+    # 1. model only
+    x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, len(train_set.classes), (bs,), device=device)
+    model_only = images_per_second(itertools.repeat((x, y)), step, bs, args.warmup, args.steps, device)
+    print(f"model only        {model_only:8.1f} img/s")
+
+    # 2. this project's pipeline (decode time excluded: once per run, and cached on disk after that)
+    start = time.perf_counter()
+    images, labels = train.decode_all(train_set.samples, train.train_tensor, size, args.workers, "decode")
+    decode_s = time.perf_counter() - start
+    images, labels = images.to(device), labels.to(device)
+
+    def project_step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        step(train.augment(images, size, train.MIN_CROP_SCALE), labels)
+
+    project = images_per_second(forever(lambda: train.batches(images, labels, bs, shuffle=True)), project_step,
+                                bs, args.warmup, args.steps, device)
+    print(f"project pipeline  {project:8.1f} img/s   (+ {decode_s:.1f} s once to decode "
+          f"{len(labels)} photos with {args.workers} threads)")
+
+    # 3. the classic per-sample pipeline
+    classic_tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(train.MIN_CROP_SCALE, 1)),
+                                     transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                     transforms.Normalize(MEAN, STD)])
+    loader = DataLoader(ImageFolder(args.data_dir / "train", classic_tf), bs, shuffle=True, drop_last=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0)
+
+    def classic_step(x: torch.Tensor, labels: torch.Tensor) -> None:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        step(x, labels.to(device, non_blocking=True))
+
+    classic = images_per_second(forever(lambda: loader), classic_step, bs, args.warmup, args.steps, device)
+    print(f"classic pipeline  {classic:8.1f} img/s   ({args.workers} DataLoader workers)")
+    print(f"project / model-only = {project / model_only:.1%}   project / classic = {project / classic:.2f}x")
+
+
+if __name__ == "__main__":
+    run_cli(main)
