@@ -97,6 +97,8 @@ class NiN(nn.Module):
         if dropout is None:
             dropout = 0.5 if faithful else 0.0
         self.num_classes = num_classes
+        # What it takes to rebuild the same architecture: saved next to the weights.
+        self.config = {"num_classes": num_classes, "batch_norm": batch_norm, "dropout": dropout, "faithful": faithful}
         pool = lambda: nn.MaxPool2d(3, stride=2)
         self.features = nn.Sequential(
             mlpconv(3, 96, 11, 4, 2, batch_norm), pool(), nn.Dropout(dropout),
@@ -117,14 +119,6 @@ class NiN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.class_maps(x))
-
-
-def model_config(model: NiN) -> dict[str, Any]:
-    """What it takes to rebuild the same architecture: stored next to the weights."""
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    dropout = next(m.p for m in model.modules() if isinstance(m, nn.Dropout))
-    relu_last = isinstance(model.features[-1][-1], nn.ReLU)
-    return {"num_classes": model.num_classes, "batch_norm": has_bn, "dropout": dropout, "faithful": relu_last}
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -244,7 +238,7 @@ def load_class_names(path: str | os.PathLike) -> list[str]:
 def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike) -> None:
     """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch({"model": state, "config": model_config(model), "classes": classes, "image_size": image_size},
+    save_torch({"model": state, "config": model.config, "classes": classes, "image_size": image_size},
                path)
 
 

@@ -16,12 +16,14 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
@@ -63,6 +65,7 @@ DROPOUT = 0.0
 SEED = 0
 WORKERS = min(8, os.cpu_count() or 1)
 CACHE_FOLDER = ".cache"  # inside --data-dir
+DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -90,9 +93,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--faithful", action="store_true",
                    help="the classic NiN (no batch norm, ReLU on the class maps, dropout 0.5)")
     p.add_argument("--seed", type=int, default=SEED, help="seeds weights, shuffling and augmentation")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if present, else cpu)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bfloat16 autocast on CUDA (ignored on the CPU)")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:1, mps, cpu (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
+                   help="mixed-precision autocast on CUDA and MPS (fp16 adds loss scaling); the CPU runs float32")
+    p.add_argument("--per-process-batch", action="store_true",
+                   help="under torchrun, --batch-size is per process (global batch = it x processes) "
+                        "instead of the global batch split across the processes")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on CUDA, batch-norm statistics over the global batch")
     p.add_argument("--workers", type=int, default=WORKERS,
                    help="threads decoding the cache, or DataLoader processes with --no-cache")
     p.add_argument("--no-cache", action="store_true",
@@ -229,14 +238,29 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, min_scale: float) 
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
-    """Slices of in-memory tensors; when shuffling, the incomplete last batch is dropped (batch norm)."""
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, order: torch.Tensor | None = None,
+            rank: int = 0, world: int = 1):
+    """Batches of in-memory tensors, in `order` (a permutation) or in sequence.
+
+    With a shuffling order the incomplete last batch is dropped (batch norm dislikes tiny batches). Under
+    torchrun each of the `world` processes takes every world-th image of the same global order, so the
+    processes see disjoint shards of the epoch and the same number of steps.
+    """
     n = len(labels)
-    order = torch.randperm(n, device=images.device) if shuffle else torch.arange(n, device=images.device)
-    stop = max(n // batch_size, 1) * batch_size if shuffle else n
-    for start in range(0, min(stop, n), batch_size):
-        idx = order[start:start + batch_size]
+    if order is None:
+        order = torch.arange(n)
+        stop = n
+    else:
+        stop = max(n // (batch_size * world), 1) * batch_size * world
+    mine = order[:stop][rank::world].to(images.device)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
         yield images[idx], labels[idx]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of one epoch: the same in every process, and again after --resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -273,51 +297,61 @@ def augment(images: torch.Tensor, image_size: int, min_crop_scale: float) -> tor
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor,
-             label_smoothing: float, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a ready batch; returns the (detached) loss and logits."""
+def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             x: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+             autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a ready batch; returns the (detached) loss and logits.
+
+    The scaler only acts for --amp fp16 (float16 gradients underflow without it); otherwise it passes through.
+    """
     with autocast:
         logits = model(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return loss.detach(), logits.detach()
 
 
-def train_one_epoch(model, optimizer, scheduler, loader, steps: int, args, device, epoch: int,
-                    autocast) -> tuple[float, float]:
+def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, args, device, epoch: int,
+                    autocast, main_process: bool) -> tuple[float, float]:
+    """Loss and accuracy of the epoch's (augmented) training batches, over every process."""
     model.train()
-    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False)
+    totals = torch.zeros(3, device=device)  # loss sum, correct, images
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False,
+               disable=not main_process)
     start = time.perf_counter()
     for step, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         x = augment(images, args.image_size, args.min_crop_scale)
-        loss, logits = optimize(model, optimizer, x, labels, args.label_smoothing, autocast)
+        loss, logits = optimize(model, optimizer, scaler, x, labels, args.label_smoothing, autocast)
         scheduler.step()
-        loss_sum += loss * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        if step % 10 == 0:  # .item() waits for the GPU: not every step
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-    return loss_sum.item() / seen, correct.item() / seen
+        totals += torch.stack([loss * len(labels), (logits.argmax(1) == labels).sum(),
+                               torch.tensor(len(labels), device=device)])
+        if step % 10 == 0 and main_process:  # .item() waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}",
+                            img_s=f"{totals[2].item() / (time.perf_counter() - start):.0f}/process")
+    loss_sum, correct, seen = all_reduce_sum(totals).tolist()
+    return loss_sum / seen, correct / seen
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device,
-             autocast) -> tuple[float, float]:
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device, autocast,
+             rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """Validation loss and accuracy; under torchrun each process scores a shard and the sums are added."""
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for x, y in batches(images, labels, batch_size, shuffle=False):
+    totals = torch.zeros(3, device=device)
+    for x, y in batches(images, labels, batch_size, rank=rank, world=world):
         x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with autocast:
             logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return loss_sum / len(labels), correct / len(labels)
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
+                               torch.tensor(len(y), device=device)])
+    loss_sum, correct, seen = all_reduce_sum(totals).tolist()
+    return loss_sum / seen, correct / seen
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
@@ -327,6 +361,41 @@ def write_metrics(history: list[dict], path: Path) -> None:
         writer.writeheader()
         writer.writerows(history)
     atomic_write(path, write, mode="w")
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def start_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
+    process group: NCCL with one GPU per process, gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or default_device())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    # A crashed process must not leave the others waiting forever in a collective.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=DIST_TIMEOUT_MINUTES))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -342,34 +411,58 @@ def main() -> None:
         args = argparse.Namespace(**{**checkpoint["args"], **keep})
         for name in ("data_dir", "weights", "class_idx", "out_dir"):
             setattr(args, name, Path(getattr(args, name)))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    rank, world, device = start_distributed(args.device)
+    main_process = rank == 0
+    say = print if main_process else lambda *a, **k: None
+    batch_size = args.batch_size if args.per_process_batch else args.batch_size // world
+    if batch_size < 2:
+        raise CLIError(f"--batch-size {args.batch_size} leaves fewer than 2 images per process")
+    torch.manual_seed(args.seed + rank)  # each process its own augmentations
+    use_amp = args.amp != "off" and device.type in ("cuda", "mps")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
+                              enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and args.amp == "fp16")
 
     train_dir, val_dir = args.data_dir / "train", args.data_dir / "val"
     train_set, val_set = find_images(train_dir), find_images(val_dir)
     check_same_split(train_set, val_set, train_dir, val_dir)
     classes = train_set.classes
-    print(f"{len(train_set)} training and {len(val_set)} validation images, {len(classes)} classes; "
-          f"device {device}")
+    say(f"{len(train_set)} training and {len(val_set)} validation images, {len(classes)} classes; "
+        f"device {device}" + (f", {world} processes x batch {batch_size}" if world > 1 else ""))
 
-    cache_dir = args.data_dir / CACHE_FOLDER
-    decode = decode_all if args.no_cache else partial(cached_decode, cache_dir=cache_dir)
-    val_images, val_labels = decode(val_set.samples, eval_tensor, args.image_size, args.workers, "val")
+    def decode(samples, to_tensor, desc):
+        if args.no_cache:
+            return decode_all(samples, to_tensor, args.image_size, args.workers, desc)
+        # The first process decodes and writes the disk cache; the others then read it.
+        if not main_process:
+            barrier()
+        result = cached_decode(samples, to_tensor, args.image_size, args.workers, desc,
+                               args.data_dir / CACHE_FOLDER)
+        if main_process:
+            barrier()
+        return result
+
+    val_images, val_labels = decode(val_set.samples, eval_tensor, "val")
     val_images, val_labels = val_images.to(device), val_labels.to(device)
     if args.no_cache:
-        loader = DataLoader(StreamedImages(train_set.samples, train_tensor, args.image_size), args.batch_size,
-                            shuffle=True, drop_last=len(train_set) >= args.batch_size,
+        streamed = StreamedImages(train_set.samples, train_tensor, args.image_size)
+        sampler = DistributedSampler(streamed, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+        loader = DataLoader(streamed, batch_size, sampler=sampler, drop_last=len(train_set) >= batch_size * world,
                             num_workers=args.workers, pin_memory=device.type == "cuda",
                             persistent_workers=args.workers > 0)
-        epoch_batches = lambda: loader
         steps = len(loader)
+
+        def epoch_batches(epoch: int):
+            sampler.set_epoch(epoch)
+            return loader
     else:
-        train_images, train_labels = decode(train_set.samples, train_tensor, args.image_size, args.workers,
-                                            "train")
+        train_images, train_labels = decode(train_set.samples, train_tensor, "train")
         train_images, train_labels = train_images.to(device), train_labels.to(device)
-        steps = max(len(train_labels) // args.batch_size, 1)
-        epoch_batches = lambda: batches(train_images, train_labels, args.batch_size, shuffle=True)
+        steps = max(len(train_labels) // (batch_size * world), 1)
+
+        def epoch_batches(epoch: int):
+            order = epoch_order(len(train_labels), args.seed, epoch)
+            return batches(train_images, train_labels, batch_size, order, rank, world)
 
     model = NiN(len(classes), dropout=None if args.faithful else args.dropout, faithful=args.faithful)
     model = model.to(device, memory_format=torch.channels_last)
@@ -381,38 +474,49 @@ def main() -> None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, best_acc, history = checkpoint["epoch"] + 1, checkpoint["best_acc"], checkpoint["history"]
-        torch.set_rng_state(checkpoint["rng"])
-        print(f"resumed {checkpoint_path} after epoch {checkpoint['epoch']} (best val acc {best_acc:.4f})")
-    save_class_names(classes, args.class_idx)
+        say(f"resumed {checkpoint_path} after epoch {checkpoint['epoch']} (best val acc {best_acc:.4f})")
+    trained = model  # what is saved: the plain model, without the DDP wrapper
+    if world > 1:
+        if args.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            trained = model
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if main_process:
+        save_class_names(classes, args.class_idx)
 
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, epoch_batches(), steps, args,
-                                                    device, epoch, autocast)
-            val_loss, val_acc = evaluate(model, val_images, val_labels, args.batch_size * 2, device, autocast)
+            train_loss, train_acc = train_one_epoch(model, optimizer, scaler, scheduler, epoch_batches(epoch),
+                                                    steps, args, device, epoch, autocast, main_process)
+            val_loss, val_acc = evaluate(model, val_images, val_labels, batch_size * 2, device, autocast,
+                                         rank, world)
             seconds = time.perf_counter() - start
             history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
                             "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4), "lr": f"{lr:.3g}",
                             "seconds": round(seconds, 1)})
-            best = val_acc > best_acc
-            if best:
-                best_acc = val_acc
-                save_weights(model, classes, args.image_size, args.weights)
-            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
-                        "history": history, "rng": torch.get_rng_state(), "classes": classes,
-                        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
-                       checkpoint_path)
-            write_metrics(history, args.out_dir / "metrics.csv")
-            tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                       f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
-                       f"{seconds:.1f}s")
+            best = val_acc > best_acc  # the same in every process: val_acc was summed over all of them
+            best_acc = max(best_acc, val_acc)
+            if main_process:
+                if best:
+                    save_weights(trained, classes, args.image_size, args.weights)
+                save_torch({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
+                            "history": history, "classes": classes,
+                            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
+                           checkpoint_path)
+                write_metrics(history, args.out_dir / "metrics.csv")
+                tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                           f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
+                           f"{seconds:.1f}s")
     except KeyboardInterrupt:
         raise CLIError(f"interrupted; the last finished epoch is saved in {checkpoint_path}: "
                        f"`python train.py --resume` continues") from None
-    print(f"best val accuracy {best_acc:.4f}; weights in {args.weights}, classes in {args.class_idx}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    say(f"best val accuracy {best_acc:.4f}; weights in {args.weights}, classes in {args.class_idx}")
 
 
 if __name__ == "__main__":

@@ -77,8 +77,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({name}), batch {bs}, {size} px, {len(train_set)} training photos")
 
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
     def step(x: torch.Tensor, labels: torch.Tensor) -> None:
-        train.optimize(model, optimizer, x, labels, train.LABEL_SMOOTHING, autocast)
+        train.optimize(model, optimizer, scaler, x, labels, train.LABEL_SMOOTHING, autocast)
 
     # 1. model only
     x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -95,8 +97,8 @@ def main() -> None:
     def project_step(images: torch.Tensor, labels: torch.Tensor) -> None:
         step(train.augment(images, size, train.MIN_CROP_SCALE), labels)
 
-    project = images_per_second(forever(lambda: train.batches(images, labels, bs, shuffle=True)), project_step,
-                                bs, args.warmup, args.steps, device)
+    shuffled = forever(lambda: train.batches(images, labels, bs, torch.randperm(len(labels))))
+    project = images_per_second(shuffled, project_step, bs, args.warmup, args.steps, device)
     print(f"project pipeline  {project:8.1f} img/s   (+ {decode_s:.1f} s once to decode "
           f"{len(labels)} photos with {args.workers} threads)")
 

@@ -44,7 +44,7 @@ def test_default_class_maps_are_linear_and_faithful_is_classic():
     assert isinstance(default.features[-1][-1], torch.nn.Conv2d)  # no ReLU can zero the logits
     assert isinstance(faithful.features[-1][-1], torch.nn.ReLU)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in faithful.modules())
-    assert nin.model_config(faithful) == {"num_classes": 5, "batch_norm": False, "dropout": 0.5, "faithful": True}
+    assert faithful.config == {"num_classes": 5, "batch_norm": False, "dropout": 0.5, "faithful": True}
 
 
 def test_logits_are_the_means_of_the_class_maps():

@@ -145,3 +145,23 @@ def test_help_documents_every_flag(tmp_path):
     for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--optimizer", "--schedule",
                  "--image-size", "--workers", "--seed", "--weights", "--class-idx", "--out-dir", "--resume"):
         assert flag in out
+
+
+def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
+    """DDP over gloo: one set of outputs, written by rank 0, that plain predict.py can use."""
+    out = tmp_path / "run"
+    flags = [*TRAIN_FLAGS, "--epochs", "8", "--per-process-batch", "--device", "cpu", "--data-dir", split_data_dir,
+             "--out-dir", out, "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             ROOT / "train.py", *map(str, flags)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("best val accuracy") == 1  # only rank 0 speaks
+    assert "2 processes x batch 8" in result.stdout
+    rows = read_metrics(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert max(float(r["val_acc"]) for r in rows) >= 0.9
+    probe = draw(tmp_path / "probe.png", (220, 40, 40), seed=4242)
+    predicted = run("predict.py", probe, "--weights", tmp_path / "NiN.pth", "--class-idx",
+                    tmp_path / "class_idx.json", "--json", cwd=tmp_path)
+    assert '"class": "red"' in predicted.stdout
