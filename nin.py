@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 # Paths are anchored at this file, so the scripts work from any folder.
 ROOT = Path(__file__).resolve().parent
@@ -53,6 +55,13 @@ def run_cli(main: Callable[[], None]) -> None:
     except CLIError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def default_device() -> str:
+    """cuda if present, else Apple's mps, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def warn(message: str) -> None:
@@ -168,6 +177,80 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(-mean / std, batch.float(), 1 / (255 * std))
 
 
+def decode_images(paths: list[str | os.PathLike], to_tensor: Callable[[Any, int], torch.Tensor], image_size: int,
+                  workers: int, desc: str, progress: bool = True) -> list[torch.Tensor | None]:
+    """to_tensor(path, image_size) for every path, in threads (PIL releases the GIL while decoding).
+
+    A file that cannot be decoded gets a warning naming it and None in its place.
+    """
+    def decode(path) -> torch.Tensor | None:
+        try:
+            return to_tensor(path, image_size)
+        except Exception as error:  # PIL raises many kinds of errors on bad files
+            warn(f"skipped {path}: {error}")
+            return None
+
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        return list(tqdm(pool.map(decode, paths), total=len(paths), desc=desc, unit="img", disable=not progress))
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[true class, predicted class] counts."""
+    flat = targets.long() * num_classes + predictions.long()
+    return torch.bincount(flat.cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def per_class_scores(cm: torch.Tensor) -> list[tuple[float, float, float, int]]:
+    """(precision, recall, F1, support) per class; 0 where a ratio has nothing to divide by."""
+    cm = cm.double()
+    tp, predicted, actual = cm.diag(), cm.sum(0), cm.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0)
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), 0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0)
+    return list(zip(precision.tolist(), recall.tolist(), f1.tolist(), actual.long().tolist(), strict=True))
+
+
+def classification_report(cm: torch.Tensor, classes: list[str]) -> str:
+    """Per-class precision, recall, F1 and support, their macro average, and the accuracy."""
+    scores = per_class_scores(cm)
+    width = max(len(c) for c in [*classes, "macro avg"])
+    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    lines += [f"{c:<{width}}  {p:>9.3f}  {r:>6.3f}  {f:>5.3f}  {n:>7}" for c, (p, r, f, n) in
+              zip(classes, scores, strict=True)]
+    macro = [sum(s[i] for s in scores) / len(scores) for i in range(3)]
+    total = int(cm.sum())
+    lines.append(f"{'macro avg':<{width}}  {macro[0]:>9.3f}  {macro[1]:>6.3f}  {macro[2]:>5.3f}  {total:>7}")
+    lines.append(f"accuracy {int(cm.diag().sum())}/{total} = {cm.diag().sum().item() / max(total, 1):.4f}")
+    return "\n".join(lines)
+
+
+def save_confusion_matrix(cm: torch.Tensor, classes: list[str], path: str | os.PathLike, title: str) -> None:
+    """The matrix as a PNG: counts in the cells, colour by share of the true class (row)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: never needs or waits for a display
+    import matplotlib.pyplot as plt
+
+    shares = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
+    size = 1.2 + 0.7 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                    color="white" if shares[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 # --------------------------------------------------------------------------------------------- files
 
 
@@ -191,6 +274,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure atomically (format from the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=100))
+    plt.close(fig)
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:

@@ -1,36 +1,54 @@
-"""Classify images with trained NiN weights.
+"""Classify images with trained NiN weights, or evaluate them on a labelled folder.
 
-    python predict.py test_img/tulip.jpg
-    python predict.py photos/ --top-k 5 --json
-    python predict.py test_img/*.jpg --save predictions.png
+    python predict.py test_img/tulip.jpg                 # top-k, and the photo beside a bar chart
+    python predict.py test_img/tulip.jpg --heatmap       # ... and where the network saw the class
+    python predict.py photos/ --top-k 5 --json           # folders are searched; JSON for other programs
+    python predict.py test_img/*.jpg --save preds.png    # a grid of thumbnails, saved instead of shown
+    python predict.py --eval data/val                    # accuracy, per-class scores, confusion matrix
 
-Prints the top-k classes with probabilities for each image, then shows the images with their predictions
-(or saves the figure with --save). Folders are searched recursively for images.
+Figures are shown where there is a display, else only saved (--save). Several images also give a CSV with one
+row per image, and --eval its confusion matrix, its CSV and a gallery of the most confident mistakes, all in
+--out-dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+import torch.nn.functional as F
+from PIL import Image
 
 from nin import (
     CLASS_IDX_PATH,
+    RUNS_DIR,
     WEIGHTS_PATH,
     CLIError,
+    atomic_write,
+    classification_report,
+    confusion_matrix,
+    decode_images,
+    default_device,
     eval_tensor,
     load_class_names,
     load_weights,
     normalize,
     run_cli,
+    save_confusion_matrix,
+    save_figure,
     warn,
 )
 
 TOP_K = 3
+BATCH_SIZE = 64
+WORKERS = min(8, os.cpu_count() or 1)
+GRID_MAX = 48  # thumbnails in a figure of several images; the CSV has them all
+MISTAKES_SHOWN = 12
 FILE_ONLY_BACKENDS = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
 # Folders are searched for these; a file named on the command line is tried whatever its extension.
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -38,19 +56,40 @@ IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
+    p.add_argument("images", nargs="*", type=Path, help="image files or folders of images")
+    p.add_argument("--eval", type=Path, default=None, metavar="DIR",
+                   help="evaluate on a labelled folder (DIR/<class>/<image>), e.g. data/val")
     p.add_argument("--weights", type=Path, default=WEIGHTS_PATH, help="trained weights (default: %(default)s)")
     p.add_argument("--class-idx", type=Path, default=CLASS_IDX_PATH,
                    help="class map written by train.py (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="classes listed per image (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present, else cpu)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON, and show no figure")
+    p.add_argument("--heatmap", action="store_true",
+                   help="overlay the predicted class's map (the one its logit is the mean of) on the photos")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the predictions of each image and its mirror image")
+    p.add_argument("--json", action="store_true", help="print the results as JSON, and draw no figure")
     p.add_argument("--save", type=Path, default=None, metavar="FILE",
                    help="save the figure (PNG, PDF, ...) instead of showing it")
+    p.add_argument("--out-dir", type=Path, default=RUNS_DIR / "predict",
+                   help="where the CSVs and --eval's figures go (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=WORKERS, help="decoding threads (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, mps, cpu (default: cuda, else mps, else cpu)")
     args = p.parse_args()
-    if args.top_k < 1:
-        p.error("--top-k must be at least 1")
+    if bool(args.images) == bool(args.eval):
+        p.error("give image files or folders, or --eval DIR (not both)")
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1")
     return args
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def find_images(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -58,7 +97,7 @@ def expand(paths: list[Path]) -> list[Path]:
     files = []
     for path in paths:
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = find_images(path)
             if not found:
                 warn(f"no images in folder {path}")
             files += found
@@ -67,6 +106,26 @@ def expand(paths: list[Path]) -> list[Path]:
         else:
             raise CLIError(f"image not found: {path}")
     return files
+
+
+def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """Images of folder/<class>/ with the weights' index of their class; unknown classes are reported."""
+    if not folder.is_dir():
+        raise CLIError(f"evaluation folder not found: {folder}")
+    paths, labels = [], []
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        found = find_images(sub)
+        if sub.name not in classes:
+            warn(f"class folder {sub.name!r} ({len(found)} images) is not a class of the weights: not scored")
+        elif found:
+            paths += found
+            labels += [classes.index(sub.name)] * len(found)
+    missing = sorted(set(classes) - {classes[i] for i in labels})
+    if missing:
+        warn(f"no images for the classes {', '.join(missing)} in {folder}")
+    if not paths:
+        raise CLIError(f"{folder} has no images in folders named after the classes {classes}")
+    return paths, labels
 
 
 def load_model(weights: Path, class_idx: Path, device: torch.device) -> tuple[torch.nn.Module, list[str], int]:
@@ -78,68 +137,202 @@ def load_model(weights: Path, class_idx: Path, device: torch.device) -> tuple[to
     return model, classes, image_size
 
 
+# --------------------------------------------------------------------------------------------- inference
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Class probabilities for one uint8 image [3, H, W]."""
-    return model(normalize(image.unsqueeze(0).to(device))).softmax(1)[0].cpu()
+def classify(model, images: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities [N, C] and class maps [N, C, h, w] for uint8 images [N, 3, H, W].
+
+    The logits are the means of the class maps (global average pooling), so each map shows where the
+    network found its class. With tta the mirror image's maps, mirrored back, are averaged in.
+    """
+    x = normalize(images)
+    maps = model.class_maps(x)
+    if tta:
+        maps = (maps + model.class_maps(x.flip(-1)).flip(-1)) / 2
+    return maps.mean((2, 3)).softmax(1), maps
 
 
-def show_or_save(results: list[dict], images: list[torch.Tensor], save: Path | None) -> None:
-    """A grid of the images titled with their top class; shown only where a display exists."""
-    import matplotlib.pyplot as plt  # matplotlib falls back to a file-only backend when there is no display
+def run_batches(model, paths: list[Path], image_size: int, args, device) -> list[dict]:
+    """Decode and classify in batches, with one progress bar; unreadable files are skipped with a warning."""
+    from tqdm import tqdm
 
-    if save is None and plt.get_backend().lower() in FILE_ONLY_BACKENDS:
-        print("no display to show the figure on: use --save FILE to keep it")
-        return
-    cols = min(len(images), 4)
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    results = []
+    bar = tqdm(total=len(paths), desc="classify", unit="img", disable=len(paths) <= args.batch_size)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        decoded = decode_images(chunk, eval_tensor, image_size, args.workers, "decode", progress=False)
+        kept = [(p, img) for p, img in zip(chunk, decoded, strict=True) if img is not None]
+        if kept:
+            images = torch.stack([img for _, img in kept]).to(device)
+            probs, maps = classify(model, images, args.tta)
+            for (path, image), p, m in zip(kept, probs.cpu(), maps.float().cpu(), strict=True):
+                results.append({"path": path, "image": image, "probs": p, "map": m})
+        bar.update(len(chunk))
+    bar.close()
+    if not results:
+        raise CLIError(f"cannot read image {paths[0]}" if len(paths) == 1 else "no image could be read")
+    return results
+
+
+def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[dict]:
+    values, indices = probs.topk(min(k, len(classes)))
+    return [{"class": classes[i], "probability": round(v, 4)}
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write(path, write, mode="w")
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def overlay(ax, result: dict, heatmap: bool, label: int) -> None:
+    """The photo, and if asked the class map of `label`, upsampled, as a translucent heat map on top."""
+    image = result["image"]
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    if heatmap:
+        cam = F.interpolate(result["map"][label][None, None], size=image.shape[1:], mode="bilinear",
+                            align_corners=False)[0, 0]
+        ax.imshow(cam.numpy(), cmap="jet", alpha=0.45)
+    ax.axis("off")
+
+
+def single_figure(result: dict, classes: list[str], k: int, heatmap: bool):
+    """One photo beside a horizontal bar chart of its top-k probabilities."""
+    import matplotlib.pyplot as plt
+
+    top = top_k(result["probs"], classes, k)
+    fig, (image_ax, bar_ax) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1, 1.2]})
+    overlay(image_ax, result, heatmap, classes.index(top[0]["class"]))
+    image_ax.set_title(f"{result['path'].name}: {top[0]['class']} {top[0]['probability']:.0%}"
+                       + (" (heat map of that class)" if heatmap else ""), fontsize=9)
+    names = [t["class"] for t in top][::-1]
+    values = [t["probability"] for t in top][::-1]
+    bars = bar_ax.barh(names, values, color=["tab:gray"] * (len(top) - 1) + ["tab:green"])
+    bar_ax.bar_label(bars, [f"{v:.1%}" for v in values], padding=3)
+    bar_ax.set_xlim(0, 1.15)
+    bar_ax.set_xlabel("probability")
+    bar_ax.set_title(f"top {len(top)}")
+    fig.tight_layout()
+    return fig
+
+
+def grid_figure(results: list[dict], classes: list[str], heatmap: bool, titles: list[str] | None = None):
+    """Thumbnails with their predicted class and probability (or the given titles)."""
+    import matplotlib.pyplot as plt
+
+    shown = results[:GRID_MAX]
+    cols = min(len(shown), 6)
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, result, image in zip(axes.flat, results, images, strict=False):
-        best = result["top"][0]
-        ax.imshow(image.permute(1, 2, 0).numpy())
-        ax.set_title(f"{Path(result['image']).name}\n{best['class']} {best['probability']:.0%}", fontsize=9)
-    fig.tight_layout()
+    for i, (ax, result) in enumerate(zip(axes.flat, shown, strict=False)):
+        best = int(result["probs"].argmax())
+        overlay(ax, result, heatmap, best)
+        title = titles[i] if titles else f"{result['path'].name}\n{classes[best]} {result['probs'][best]:.0%}"
+        ax.set_title(title, fontsize=8)
+    if len(results) > GRID_MAX:
+        fig.suptitle(f"first {GRID_MAX} of {len(results)} images (all are in the CSV)", fontsize=9)
+    return fig
+
+
+def show_or_save(fig, save: Path | None) -> None:
+    import matplotlib.pyplot as plt  # matplotlib falls back to a file-only backend when there is no display
+
     if save is not None:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=100)
+        save_figure(fig, save)
         print(f"saved {save}")
+    elif plt.get_backend().lower() in FILE_ONLY_BACKENDS:
+        plt.close(fig)
+        print("no display to show the figure on: use --save FILE to keep it")
     else:
         plt.show()
-    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- modes
+
+
+def predict_images(model, classes: list[str], image_size: int, args, device) -> None:
+    results = run_batches(model, expand(args.images), image_size, args, device)
+    if args.json:
+        print(json.dumps([{"image": str(r["path"]), "top": top_k(r["probs"], classes, args.top_k)}
+                          for r in results], indent=2))
+        return
+    for r in results:
+        ranked = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in top_k(r["probs"], classes, args.top_k))
+        print(f"{r['path']}: {ranked}")
+    if len(results) > 1:
+        rows = [{"image": str(r["path"]), **{c: round(float(p), 4) for c, p in zip(classes, r["probs"], strict=True)},
+                 "predicted": classes[int(r["probs"].argmax())]} for r in results]
+        write_csv(rows, args.out_dir / "predictions.csv")
+        print(f"wrote {args.out_dir / 'predictions.csv'}")
+    fig = (single_figure(results[0], classes, args.top_k, args.heatmap) if len(results) == 1
+           else grid_figure(results, classes, args.heatmap))
+    show_or_save(fig, args.save)
+
+
+def evaluate_folder(model, classes: list[str], image_size: int, args, device) -> None:
+    paths, labels = labelled_images(args.eval, classes)
+    label_of = dict(zip(paths, labels, strict=True))
+    results = run_batches(model, paths, image_size, args, device)
+    targets = torch.tensor([label_of[r["path"]] for r in results])
+    probs = torch.stack([r["probs"] for r in results])
+    k = min(args.top_k, len(classes))
+    top1 = probs.argmax(1)
+    topk_hit = (probs.topk(k).indices == targets[:, None]).any(1)
+    cm = confusion_matrix(targets, top1, len(classes))
+    rows = [{"image": str(r["path"]), "true": classes[t], "predicted": classes[p],
+             "probability": round(float(q[p]), 4), "correct": int(t == p)}
+            for r, t, p, q in zip(results, targets.tolist(), top1.tolist(), probs, strict=True)]
+    mistakes = sorted((i for i, row in enumerate(rows) if not row["correct"]), key=lambda i: -rows[i]["probability"])
+    summary = {"images": len(results), "top1": round(float((top1 == targets).float().mean()), 4),
+               f"top{k}": round(float(topk_hit.float().mean()), 4)}
+    if args.json:
+        print(json.dumps({**summary, "confusion_matrix": cm.tolist(), "classes": classes,
+                          "mistakes": [rows[i] for i in mistakes[:MISTAKES_SHOWN]]}, indent=2))
+    else:
+        print(f"{len(results)} images of {args.eval}: top-1 accuracy {summary['top1']:.2%}, "
+              f"top-{k} {summary[f'top{k}']:.2%}" + (" (flip TTA)" if args.tta else ""))
+        print(classification_report(cm, classes))
+        width = max(len(c) for c in classes)
+        print("\nconfusion matrix (rows: true, columns: predicted)")
+        print(" " * width + "".join(f"{c[:7]:>8}" for c in classes))
+        for c, row in zip(classes, cm.tolist(), strict=True):
+            print(f"{c:<{width}}" + "".join(f"{n:>8}" for n in row))
+        print(f"\nmost confident mistakes ({len(mistakes)} in all):")
+        for i in mistakes[:MISTAKES_SHOWN]:
+            print(f"  {rows[i]['probability']:.1%} {rows[i]['predicted']:<{width}} (true {rows[i]['true']}): "
+                  f"{rows[i]['image']}")
+    out = args.out_dir
+    write_csv(rows, out / "eval_predictions.csv")
+    save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
+    written = [out / "eval_predictions.csv", out / "eval_confusion.png"]
+    if mistakes:
+        gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
+        titles = [f"{rows[i]['predicted']} {rows[i]['probability']:.0%}\n(true {rows[i]['true']})"
+                  for i in mistakes[:MISTAKES_SHOWN]]
+        save_figure(grid_figure(gallery, classes, args.heatmap, titles), out / "eval_mistakes.png")
+        written.append(out / "eval_mistakes.png")
+    if not args.json:
+        print("wrote " + ", ".join(map(str, written)))
 
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    files = expand(args.images)
+    device = torch.device(args.device or default_device())
     model, classes, image_size = load_model(args.weights, args.class_idx, device)
-    k = min(args.top_k, len(classes))
-    results, shown = [], []
-    for path in files:
-        try:
-            image = eval_tensor(path, image_size)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as error:
-            if len(args.images) == 1 and path == args.images[0]:
-                raise CLIError(f"cannot read image {path}: {error}") from None
-            warn(f"skipped {path}: {error}")
-            continue
-        probs = predict(model, image, device)
-        top = probs.topk(k)
-        ranked = zip(top.values.tolist(), top.indices.tolist(), strict=True)
-        results.append({"image": str(path), "top": [{"class": classes[i], "probability": round(p, 4)}
-                                                     for p, i in ranked]})
-        shown.append(image)
-    if not results:
-        raise CLIError("no image could be read")
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    for result in results:
-        ranked = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
-        print(f"{result['image']}: {ranked}")
-    show_or_save(results, shown, args.save)
+    if args.eval:
+        evaluate_folder(model, classes, image_size, args, device)
+    else:
+        predict_images(model, classes, image_size, args, device)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import hashlib
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +38,9 @@ from nin import (
     CLIError,
     NiN,
     atomic_write,
+    classification_report,
+    decode_images,
+    default_device,
     eval_tensor,
     load_image,
     load_torch,
@@ -46,6 +48,8 @@ from nin import (
     resize_size,
     run_cli,
     save_class_names,
+    save_confusion_matrix,
+    save_figure,
     save_torch,
     save_weights,
     warn,
@@ -164,16 +168,8 @@ def train_tensor(path: str, image_size: int) -> torch.Tensor:
 
 def decode_all(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int,
                desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every photo once (threads: PIL releases the GIL), skipping unreadable ones with a warning."""
-    def decode(sample: tuple[str, int]) -> torch.Tensor | None:
-        try:
-            return to_tensor(sample[0], image_size)
-        except Exception as error:  # PIL raises many kinds of errors on bad files
-            warn(f"skipped {sample[0]}: {error}")
-            return None
-
-    with ThreadPoolExecutor(max(workers, 1)) as pool:
-        images = list(tqdm(pool.map(decode, samples), total=len(samples), desc=desc, unit="img"))
+    """Decode every photo once, skipping unreadable ones with a warning: uint8 images and their labels."""
+    images = decode_images([path for path, _ in samples], to_tensor, image_size, workers, desc)
     keep = [i for i, img in enumerate(images) if img is not None]
     if not keep:
         raise CLIError(f"no readable images for {desc}")
@@ -338,20 +334,48 @@ def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, arg
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device, autocast,
-             rank: int = 0, world: int = 1) -> tuple[float, float]:
-    """Validation loss and accuracy; under torchrun each process scores a shard and the sums are added."""
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int, device,
+             autocast, rank: int = 0, world: int = 1) -> tuple[float, torch.Tensor]:
+    """Validation loss and confusion matrix; under torchrun each process scores a shard, then they are summed."""
     model.eval()
-    totals = torch.zeros(3, device=device)
+    loss_sum = torch.zeros(1, device=device)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for x, y in batches(images, labels, batch_size, rank=rank, world=world):
         x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with autocast:
             logits = model(x).float()
-        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
-                               torch.tensor(len(y), device=device)])
-    loss_sum, correct, seen = all_reduce_sum(totals).tolist()
-    return loss_sum / seen, correct / seen
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2).view_as(cm)
+    all_reduce_sum(loss_sum)
+    all_reduce_sum(cm)
+    return loss_sum.item() / cm.sum().item(), cm.cpu()
+
+
+def save_curves(history: list[dict], path: Path) -> None:
+    """Loss, accuracy and learning rate by epoch, as one PNG (rewritten every epoch)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: never needs or waits for a display
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
+    for split, style in (("train", "-"), ("val", "-o")):
+        loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, markersize=3, label=split)
+        acc_ax.plot(epochs, [h[f"{split}_acc"] for h in history], style, markersize=3, label=split)
+    best = max(history, key=lambda h: h["val_acc"])
+    acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
+    acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']})")
+    loss_ax.set_title("loss (train: smoothed labels, augmented)")
+    lr_ax.plot(epochs, [float(h["lr"]) for h in history], "-", color="tab:green")
+    lr_ax.set_title("learning rate (start of epoch)")
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    loss_ax.legend()
+    acc_ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
@@ -364,12 +388,6 @@ def write_metrics(history: list[dict], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- devices
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def start_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
@@ -468,12 +486,13 @@ def main() -> None:
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, steps)
-    start_epoch, best_acc, history = 1, 0.0, []
+    start_epoch, best_acc, best_cm, history = 1, 0.0, None, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, best_acc, history = checkpoint["epoch"] + 1, checkpoint["best_acc"], checkpoint["history"]
+        best_cm = checkpoint["best_confusion"]
         say(f"resumed {checkpoint_path} after epoch {checkpoint['epoch']} (best val acc {best_acc:.4f})")
     trained = model  # what is saved: the plain model, without the DDP wrapper
     if world > 1:
@@ -490,23 +509,28 @@ def main() -> None:
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(model, optimizer, scaler, scheduler, epoch_batches(epoch),
                                                     steps, args, device, epoch, autocast, main_process)
-            val_loss, val_acc = evaluate(model, val_images, val_labels, batch_size * 2, device, autocast,
-                                         rank, world)
+            val_loss, val_cm = evaluate(model, val_images, val_labels, len(classes), batch_size * 2, device,
+                                        autocast, rank, world)
+            val_acc = val_cm.diag().sum().item() / val_cm.sum().item()
             seconds = time.perf_counter() - start
             history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
                             "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4), "lr": f"{lr:.3g}",
                             "seconds": round(seconds, 1)})
-            best = val_acc > best_acc  # the same in every process: val_acc was summed over all of them
-            best_acc = max(best_acc, val_acc)
+            best = val_acc > best_acc  # the same in every process: val_cm was summed over all of them
+            if best:
+                best_acc, best_cm = val_acc, val_cm
             if main_process:
                 if best:
                     save_weights(trained, classes, args.image_size, args.weights)
+                    save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
+                                          f"val, best epoch {epoch}: {best_acc:.1%}")
                 save_torch({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
-                            "history": history, "classes": classes,
+                            "best_confusion": best_cm, "history": history, "classes": classes,
                             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
                            checkpoint_path)
                 write_metrics(history, args.out_dir / "metrics.csv")
+                save_curves(history, args.out_dir / "curves.png")
                 tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
                            f"{seconds:.1f}s")
@@ -516,7 +540,10 @@ def main() -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    say(f"best val accuracy {best_acc:.4f}; weights in {args.weights}, classes in {args.class_idx}")
+    if best_cm is not None:
+        say(f"\nbest epoch on val:\n{classification_report(best_cm, classes)}")
+    say(f"best val accuracy {best_acc:.4f}; weights in {args.weights}, classes in {args.class_idx}; "
+        f"curves and confusion matrix in {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +15,12 @@ import nin
 
 def predict(trained, *args, check: bool = True):
     return run("predict.py", *args, "--weights", trained["weights"], "--class-idx", trained["class_idx"],
-               cwd=trained["dir"], check=check)
+               "--out-dir", trained["dir"] / "predict", cwd=trained["dir"], check=check)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +111,67 @@ def test_missing_or_unreadable_image(trained, tmp_path):
     (tmp_path / "fake.jpg").write_bytes(b"\x00" * 100)
     assert_clean_error(predict(trained, tmp_path / "fake.jpg", check=False), "cannot read image")
     assert_clean_error(predict(trained, tmp_path / "fake.jpg", "--top-k", "0", check=False), "--top-k")
+
+
+def test_several_images_give_a_csv_row_each(trained, photos, tmp_path):
+    rgb = [photos[(name, "RGB")] for name in COLOURS]
+    result = predict(trained, *rgb, "--save", tmp_path / "grid.png", "--heatmap")
+    rows = read_csv(trained["dir"] / "predict" / "predictions.csv")
+    assert [r["image"] for r in rows] == [str(p) for p in rgb]
+    assert [r["predicted"] for r in rows] == list(COLOURS)
+    for row in rows:
+        assert abs(sum(float(row[c]) for c in COLOURS) - 1) < 1e-3
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG" and "saved" in result.stdout
+
+
+def test_single_image_figure_with_heatmap(trained, photos, tmp_path):
+    predict(trained, photos[("green", "RGB")], "--heatmap", "--tta", "--save", tmp_path / "one.png")
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_class_maps_are_what_the_logits_pool_and_tta_averages_the_mirror(trained):
+    import predict as predict_module
+
+    model, _, size = nin.load_weights(trained["weights"])
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    probs, maps = predict_module.classify(model, images)
+    logits = model(nin.normalize(images))
+    torch.testing.assert_close(maps.mean((2, 3)), logits)
+    torch.testing.assert_close(probs, logits.softmax(1))
+    tta_probs, _ = predict_module.classify(model, images, tta=True)
+    mirrored = model(nin.normalize(images.flip(-1)))
+    torch.testing.assert_close(tta_probs, ((logits + mirrored) / 2).softmax(1))
+
+
+def test_eval_reports_numbers_that_match_its_csv(trained, split_data_dir, tmp_path):
+    val = tmp_path / "val"
+    shutil.copytree(split_data_dir / "val", val)
+    draw(val / "purple" / "p.jpg", (120, 0, 120), seed=3)  # a class the weights do not know
+    out = trained["dir"] / "predict"
+    result = predict(trained, "--eval", val, "--json", "--top-k", "2")
+    report = json.loads(result.stdout)
+    assert "purple" in result.stderr and "not scored" in result.stderr
+    rows = read_csv(out / "eval_predictions.csv")
+    n_images = len(list((split_data_dir / "val").glob("*/*.jpg")))
+    assert report["images"] == len(rows) == n_images
+    assert report["top1"] == pytest.approx(sum(int(r["correct"]) for r in rows) / len(rows), abs=1e-4)
+    assert report["top1"] <= report["top2"] <= 1
+    classes = report["classes"]
+    cm = [[0] * len(classes) for _ in classes]
+    for r in rows:
+        cm[classes.index(r["true"])][classes.index(r["predicted"])] += 1
+    assert report["confusion_matrix"] == cm
+    assert all(m["correct"] == 0 for m in report["mistakes"])
+    assert (out / "eval_confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_text_report(trained, split_data_dir):
+    out = predict(trained, "--eval", split_data_dir / "val").stdout
+    assert "top-1 accuracy" in out and "precision" in out and "confusion matrix" in out
+    for name in COLOURS:
+        assert any(line.startswith(name) for line in out.splitlines())
+
+
+def test_eval_of_a_folder_without_known_classes(trained, tmp_path):
+    draw(tmp_path / "val" / "purple" / "p.jpg", (120, 0, 120), seed=3)
+    assert_clean_error(predict(trained, "--eval", tmp_path / "val", check=False), "no images in folders")

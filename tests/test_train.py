@@ -35,6 +35,14 @@ def test_training_learns_and_writes_every_output(trained):
     assert checkpoint["epoch"] == 6 and checkpoint["best_acc"] == best and checkpoint["classes"] == classes
     assert {"model", "optimizer", "scheduler", "history", "args"} <= checkpoint.keys()
     assert f"best val accuracy {best:.4f}" in trained["stdout"]
+    lines = trained["stdout"].splitlines()
+    assert any(line.startswith("accuracy ") and line.endswith(f"= {best:.4f}") for line in lines)
+    for name in ("blue", "green", "red"):  # the per-class table of the best epoch
+        assert any(line.split()[:1] == [name] and len(line.split()) == 5 for line in lines)
+    for figure in ("curves.png", "confusion.png"):
+        assert (trained["run"] / figure).read_bytes()[:4] == b"\x89PNG"
+    cm = checkpoint["best_confusion"]
+    assert (cm.diag().sum() / cm.sum()).item() == pytest.approx(best, abs=1e-4)
 
 
 def test_resume_continues_at_the_right_epoch(split_data_dir, tmp_path):
