@@ -38,6 +38,10 @@ CROP_RATIO = 0.875
 # ImageNet statistics: the usual choice, and close to flower_photos' own.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# Larger images are refused before decoding: 100 megapixels is ~300 MB of RGB. load_image checks this itself,
+# as an error; PIL's own check would only warn below twice its limit, and from any thread, so it is off.
+MAX_IMAGE_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None
 # split_data.py writes a fresh id into both train/ and val/; train.py refuses halves of different splits.
 SPLIT_ID_FILE = ".split_id"
 # The smallest input for which the three 3x3/2 poolings still leave one pixel.
@@ -65,8 +69,8 @@ def default_device() -> str:
 
 
 def warn(message: str) -> None:
-    """A problem the run survives (a bad file skipped): one line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
+    """A problem the run survives (a bad file skipped): one line on stderr, never glued to a progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -133,24 +137,38 @@ class NiN(nn.Module):
 # --------------------------------------------------------------------------------------------- images
 
 
+class UnreadableImage(ValueError):
+    """A file that is not an image PIL can decode, or one too large to decode safely."""
+
+
 def load_image(path: str | os.PathLike, short_side: int | None = None) -> Image.Image:
     """Open any image as RGB, upright (EXIF), transparency composited on white.
 
     short_side lets JPEGs decode at a reduced scale (PIL draft mode) that still leaves at least that
     many pixels on the short side: several times faster for big photos, and no visible difference after
-    the resize that follows.
+    the resize that follows. Whatever goes wrong with the file (missing, truncated, not an image, a
+    decompression bomb, or any of the many errors PIL raises on damaged data) is raised as UnreadableImage.
     """
-    with Image.open(path) as img:
-        if short_side is not None:
-            img.draft("RGB", (short_side, short_side))
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v / 256).convert("L")  # 16-bit: keep the range, not the low byte
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:  # checked on the header, before any decoding
+                raise UnreadableImage(f"{path}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit "
+                                      f"(a decompression bomb?)")
+            if short_side is not None:
+                img.draft("RGB", (short_side, short_side))
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = img.point(lambda v: v / 256).convert("L")  # 16-bit: keep the range, not the low byte
+            return img.convert("RGB")
+    except UnreadableImage:
+        raise
+    except Exception as error:  # PIL raises many kinds of errors on damaged files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnreadableImage(f"{path}: {reason}") from None
 
 
 def resize_size(image_size: int) -> int:
@@ -186,8 +204,8 @@ def decode_images(paths: list[str | os.PathLike], to_tensor: Callable[[Any, int]
     def decode(path) -> torch.Tensor | None:
         try:
             return to_tensor(path, image_size)
-        except Exception as error:  # PIL raises many kinds of errors on bad files
-            warn(f"skipped {path}: {error}")
+        except UnreadableImage as error:
+            warn(f"skipped {error}")
             return None
 
     with ThreadPoolExecutor(max(workers, 1)) as pool:

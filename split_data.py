@@ -19,10 +19,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-from nin import DATA_DIR, SPLIT_ID_FILE, CLIError, run_cli, warn
+from nin import DATA_DIR, SPLIT_ID_FILE, CLIError, UnreadableImage, load_image, run_cli, warn
 
 ARCHIVE_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 ARCHIVE_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
@@ -116,8 +115,11 @@ def list_classes(source: Path) -> dict[str, list[Path]]:
     """Per-class files of source (hidden files and folders ignored)."""
     if not source.is_dir():
         raise CLIError(f"source folder not found: {source}")
-    classes = {d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
-               for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    try:
+        classes = {d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+                   for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    except OSError as error:
+        raise CLIError(f"cannot read {source}: {error}") from None
     if not classes:
         raise CLIError(f"{source} has no class folders (expected {source}/<class>/<image>)")
     return classes
@@ -126,11 +128,9 @@ def list_classes(source: Path) -> dict[str, list[Path]]:
 def is_readable_image(path: Path) -> bool:
     """Decode the whole file (at reduced scale: fast), so truncated files are caught too."""
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", (64, 64))
-            img.load()
+        load_image(path, short_side=64)
         return True
-    except Exception:  # PIL raises many kinds of errors on bad files
+    except UnreadableImage:
         return False
 
 

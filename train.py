@@ -142,7 +142,7 @@ def find_images(split_dir: Path) -> ImageFolder:
         raise CLIError(f"{split_dir} not found: run `python split_data.py` first")
     try:
         return ImageFolder(split_dir)
-    except FileNotFoundError as error:
+    except OSError as error:  # no class folders, an empty class, a folder we may not read
         raise CLIError(f"{split_dir}: {error}") from None
 
 
@@ -529,8 +529,8 @@ def main() -> None:
                             "best_confusion": best_cm, "history": history, "classes": classes,
                             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
                            checkpoint_path)
-                write_metrics(history, args.out_dir / "metrics.csv")
                 save_curves(history, args.out_dir / "curves.png")
+                write_metrics(history, args.out_dir / "metrics.csv")  # last: a complete CSV means a complete epoch
                 tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
                            f"{seconds:.1f}s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -133,3 +134,93 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_repo_paths_do_not_depend_on_the_working_folder():
     assert nin.ROOT == ROOT and nin.WEIGHTS_PATH.parent == ROOT and nin.DATA_DIR == ROOT / "data"
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (120, 60), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 60, 60))  # red left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    img.save(tmp_path / "rotated.jpg", exif=exif)
+    upright = nin.load_image(tmp_path / "rotated.jpg")
+    assert upright.size == (60, 120)
+    top = upright.crop((0, 0, 60, 40)).convert("RGB").resize((1, 1)).getpixel((0, 0))
+    assert top[0] > 200 and top[2] < 60  # red ends up on top
+
+
+def test_non_ascii_and_space_names(tmp_path):
+    path = draw(tmp_path / "fleurs d'été" / "rosé 1 — 🌹.png", (200, 30, 30), seed=2)
+    assert nin.eval_tensor(path, 64).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("width,height", [(12_000, 10_000), (100_000, 100_000)])
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, width, height):
+    """A tiny PNG whose header declares a huge image: refused from the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + \
+        chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(nin.UnreadableImage, match="pixels is over"):
+        nin.eval_tensor(tmp_path / "bomb.png", 64)
+
+
+def mutations(seed: int, count: int, tmp_path) -> list[bytes]:
+    """Random bytes, and valid JPEG/PNG files with bytes flipped, cut, repeated or inserted."""
+    rng = random.Random(seed)
+    originals = [draw(tmp_path / f"o{i}{suffix}", (rng.randrange(256), 90, 30), seed=i, size=(70, 66)).read_bytes()
+                 for i, suffix in enumerate([".jpg", ".png", ".jpg"])]
+    cases = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 400))) for _ in range(count // 5)]
+    while len(cases) < count:
+        data = bytearray(rng.choice(originals))
+        for _ in range(rng.randint(1, 12)):
+            op, at = rng.randrange(4), rng.randrange(len(data))
+            if op == 0:
+                data[at] = rng.randrange(256)
+            elif op == 1:
+                del data[at:]
+            elif op == 2:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+            elif len(data) > at + 8:
+                data[at:at + 4] = b"\xff\xff\xff\x7f"  # huge lengths and sizes
+            if not data:
+                break
+        cases.append(bytes(data))
+    return cases
+
+
+def test_fuzzed_files_give_an_image_or_the_clear_error(tmp_path):
+    """predict.py's loader on 300 random and mutated files: a uint8 image or UnreadableImage, nothing else."""
+    decoded = refused = 0
+    for i, data in enumerate(mutations(seed=1, count=300, tmp_path=tmp_path)):
+        path = tmp_path / f"fuzz{i}.jpg"
+        path.write_bytes(data)
+        try:
+            image = nin.eval_tensor(path, 64)
+        except nin.UnreadableImage as error:
+            assert str(path) in str(error)
+            refused += 1
+        else:
+            assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+            decoded += 1
+    assert decoded > 0 and refused > 0
+
+
+def test_predict_script_on_fuzzed_files_never_shows_a_traceback(tmp_path):
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    for i, data in enumerate(mutations(seed=2, count=25, tmp_path=tmp_path)):
+        (folder / f"f{i}.jpg").write_bytes(data)
+    weights, class_idx = tmp_path / "NiN.pth", tmp_path / "c.json"
+    nin.save_weights(nin.NiN(2), ["a", "b"], 64, weights)
+    nin.save_class_names(["a", "b"], class_idx)
+    result = run("predict.py", folder, "--weights", weights, "--class-idx", class_idx, "--json",
+                 "--out-dir", tmp_path / "out", cwd=tmp_path, check=False)
+    assert result.returncode in (0, 2) and "Traceback" not in result.stderr
+    if result.returncode == 0:
+        assert len(json.loads(result.stdout)) + result.stderr.count("warning: skipped") == 25

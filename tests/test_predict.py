@@ -175,3 +175,38 @@ def test_eval_text_report(trained, split_data_dir):
 def test_eval_of_a_folder_without_known_classes(trained, tmp_path):
     draw(tmp_path / "val" / "purple" / "p.jpg", (120, 0, 120), seed=3)
     assert_clean_error(predict(trained, "--eval", tmp_path / "val", check=False), "no images in folders")
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled, as a malicious .pth could."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pth_carrying_code_is_refused_and_runs_nothing(trained, photos, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "NiN.pth"
+    torch.save({"model": RunsCode(marker), "config": {}, "classes": [], "image_size": 64}, evil)
+    result = run("predict.py", photos[("red", "RGB")], "--weights", evil, "--class-idx", trained["class_idx"],
+                 cwd=tmp_path, check=False)
+    assert_clean_error(result, "cannot load weights")
+    assert not marker.exists()
+
+
+def test_weights_of_another_architecture_or_class_count(trained, photos, tmp_path):
+    other = tmp_path / "other.pth"
+    model = nin.NiN(7)
+    nin.save_weights(model, [f"c{i}" for i in range(7)], 64, other)
+    result = run("predict.py", photos[("red", "RGB")], "--weights", other, "--class-idx", trained["class_idx"],
+                 cwd=tmp_path, check=False)
+    assert_clean_error(result, "does not match")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(3, 3)}, "config": {"num_classes": 3}, "classes": ["a", "b", "c"],
+                "image_size": 64}, foreign)
+    result = run("predict.py", photos[("red", "RGB")], "--weights", foreign, "--class-idx", trained["class_idx"],
+                 cwd=tmp_path, check=False)
+    assert_clean_error(result, "does not fit the NiN architecture")

@@ -173,3 +173,17 @@ def test_extraction_of_a_good_archive(tmp_path):
         tar.add(tmp_path / "src" / "flower_photos", arcname="flower_photos")
     split_data.extract(archive, tmp_path / "flower_photos")
     assert len(list((tmp_path / "flower_photos").glob("*/*.jpg"))) == 6
+
+
+def test_symlinks_and_unusual_names(source, tmp_path):
+    elsewhere = draw(tmp_path / "elsewhere" / "linked.jpg", (40, 190, 60), seed=77)
+    (source / "green" / "link to photo.jpg").symlink_to(elsewhere)
+    (source / "red" / "dangling.jpg").symlink_to(tmp_path / "nothing.jpg")
+    draw(source / "red" / "fleur d'été — 1.jpg", (220, 40, 40), seed=78)
+    result = split(source, tmp_path / "data")
+    s = sides(tmp_path / "data")
+    assert "green/link to photo.jpg" in s and "red/fleur d'été — 1.jpg" in s
+    assert "red/dangling.jpg" not in s
+    linked = tmp_path / "data" / s["green/link to photo.jpg"] / "green" / "link to photo.jpg"
+    assert linked.read_bytes() == elsewhere.read_bytes()
+    assert result.returncode == 0

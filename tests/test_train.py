@@ -45,26 +45,48 @@ def test_training_learns_and_writes_every_output(trained):
     assert (cm.diag().sum() / cm.sum()).item() == pytest.approx(best, abs=1e-4)
 
 
-def test_resume_continues_at_the_right_epoch(split_data_dir, tmp_path):
-    """Interrupt a run after its first saved epoch, resume it, and get every epoch exactly once."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data_dir, tmp_path, sig):
+    """Stop a run after its first saved epoch: every output still loads, and --resume ends the run with
+    each epoch exactly once."""
     out = tmp_path / "run"
+    weights, class_idx = tmp_path / "NiN.pth", tmp_path / "class_idx.json"
     flags = [*TRAIN_FLAGS, "--epochs", "3", "--data-dir", split_data_dir, "--out-dir", out,
-             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
+             "--weights", weights, "--class-idx", class_idx]
     proc = subprocess.Popen([sys.executable, ROOT / "train.py", *map(str, flags)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     done = len(read_metrics(out / "metrics.csv"))
-    if done < 3:  # interrupted mid-run: a one-line message, no traceback
+    if done < 3 and sig == signal.SIGINT:  # interrupted mid-run: a one-line message, no traceback
         assert proc.returncode == 2 and "--resume" in stderr and "Traceback" not in stderr
+    nin.load_weights(weights)
+    assert nin.load_class_names(class_idx) == ["blue", "green", "red"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["epoch"]
+    assert saved in (done, done + 1)  # the CSV is written last: a kill may fall just before it
     resumed = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
-    if done < 3:
-        assert f"after epoch {done}" in resumed.stdout
+    if saved < 3:
+        assert f"after epoch {saved}" in resumed.stdout
     assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 3
+
+
+def test_unreadable_training_photos_are_skipped_with_a_warning(tmp_path, split_data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    (data / "train" / "red" / "empty.jpg").write_bytes(b"")
+    (data / "train" / "red" / "random.jpg").write_bytes(bytes(range(256)) * 4)
+    good = next((data / "train" / "blue").iterdir()).read_bytes()
+    (data / "train" / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--epochs", "1", "--out-dir", tmp_path / "run",
+                 "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path)
+    for name in ("empty.jpg", "random.jpg", "truncated.jpg"):
+        assert any(line.startswith("warning: skipped") and name in line for line in result.stderr.splitlines())
+    assert (tmp_path / "NiN.pth").is_file()
 
 
 def test_streaming_path_without_cache(split_data_dir, tmp_path):
