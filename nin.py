@@ -10,6 +10,7 @@ logit, so the network has no fully connected layer at all.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -54,11 +55,15 @@ class CLIError(Exception):
 
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main(), turning CLIError into a one-line message and exit code 2 (argparse's)."""
+    name = Path(sys.argv[0]).name
     try:
         main()
     except CLIError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def default_device() -> str:
@@ -324,6 +329,15 @@ def load_torch(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CLIError(f"{what} {path} does not hold a dictionary of weights")
     return obj
+
+
+def save_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Rows of equal keys as a CSV with a header, written atomically."""
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write(path, write, mode="w")
 
 
 def save_class_names(classes: list[str], path: str | os.PathLike) -> None:

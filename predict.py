@@ -14,7 +14,6 @@ row per image, and --eval its confusion matrix, its CSV and a gallery of the mos
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -29,7 +28,6 @@ from nin import (
     RUNS_DIR,
     WEIGHTS_PATH,
     CLIError,
-    atomic_write,
     classification_report,
     confusion_matrix,
     decode_images,
@@ -40,6 +38,7 @@ from nin import (
     normalize,
     run_cli,
     save_confusion_matrix,
+    save_csv,
     save_figure,
     warn,
 )
@@ -182,14 +181,6 @@ def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[dict]:
             for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    def write(f) -> None:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    atomic_write(path, write, mode="w")
-
-
 # --------------------------------------------------------------------------------------------- figures
 
 
@@ -272,7 +263,7 @@ def predict_images(model, classes: list[str], image_size: int, args, device) -> 
     if len(results) > 1:
         rows = [{"image": str(r["path"]), **{c: round(float(p), 4) for c, p in zip(classes, r["probs"], strict=True)},
                  "predicted": classes[int(r["probs"].argmax())]} for r in results]
-        write_csv(rows, args.out_dir / "predictions.csv")
+        save_csv(rows, args.out_dir / "predictions.csv")
         print(f"wrote {args.out_dir / 'predictions.csv'}")
     fig = (single_figure(results[0], classes, args.top_k, args.heatmap) if len(results) == 1
            else grid_figure(results, classes, args.heatmap))
@@ -312,7 +303,7 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
             print(f"  {rows[i]['probability']:.1%} {rows[i]['predicted']:<{width}} (true {rows[i]['true']}): "
                   f"{rows[i]['image']}")
     out = args.out_dir
-    write_csv(rows, out / "eval_predictions.csv")
+    save_csv(rows, out / "eval_predictions.csv")
     save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
     written = [out / "eval_predictions.csv", out / "eval_confusion.png"]
     if mistakes:

@@ -4,13 +4,15 @@ Each photo is decoded once per run into an in-memory uint8 cache (kept on the tr
 under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip) is done per
 batch on that device. --no-cache streams from disk through DataLoader workers instead, for datasets that do
 not fit in memory. Writes the best-val weights (NiN.pth), the class map (class_idx.json), and under --out-dir
-a metrics CSV and a resumable checkpoint.
+a metrics CSV (rewritten whole from the checkpoint's history, so a resumed run never lists an epoch twice),
+training curves, the best epoch's confusion matrix and a resumable checkpoint.
+
+Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains with DistributedDataParallel.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import math
 import os
@@ -37,7 +39,6 @@ from nin import (
     WEIGHTS_PATH,
     CLIError,
     NiN,
-    atomic_write,
     classification_report,
     decode_images,
     default_device,
@@ -49,6 +50,7 @@ from nin import (
     run_cli,
     save_class_names,
     save_confusion_matrix,
+    save_csv,
     save_figure,
     save_torch,
     save_weights,
@@ -378,15 +380,6 @@ def save_curves(history: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_metrics(history: list[dict], path: Path) -> None:
-    """The whole CSV rewritten from the checkpoint's history: after a resume, no epoch twice or missing."""
-    def write(f) -> None:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    atomic_write(path, write, mode="w")
-
-
 # --------------------------------------------------------------------------------------------- devices
 
 
@@ -503,6 +496,7 @@ def main() -> None:
     if main_process:
         save_class_names(classes, args.class_idx)
 
+    saved_epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             start = time.perf_counter()
@@ -529,14 +523,17 @@ def main() -> None:
                             "best_confusion": best_cm, "history": history, "classes": classes,
                             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
                            checkpoint_path)
+                saved_epoch = epoch
                 save_curves(history, args.out_dir / "curves.png")
-                write_metrics(history, args.out_dir / "metrics.csv")  # last: a complete CSV means a complete epoch
+                save_csv(history, args.out_dir / "metrics.csv")  # last: a complete CSV row means a complete epoch
                 tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
                            f"{seconds:.1f}s")
     except KeyboardInterrupt:
-        raise CLIError(f"interrupted; the last finished epoch is saved in {checkpoint_path}: "
-                       f"`python train.py --resume` continues") from None
+        if saved_epoch == 0:
+            raise CLIError("interrupted during the first epoch: nothing to resume yet") from None
+        raise CLIError(f"interrupted; epoch {saved_epoch} is saved in {checkpoint_path}: "
+                       f"`python train.py --resume` finishes the run") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,17 @@ def test_weights_of_another_architecture_or_class_count(trained, photos, tmp_pat
     result = run("predict.py", photos[("red", "RGB")], "--weights", foreign, "--class-idx", trained["class_idx"],
                  cwd=tmp_path, check=False)
     assert_clean_error(result, "does not fit the NiN architecture")
+
+
+SHIPPED_CLASSES = {"daisy.jpg": "daisy", "dandelion.jpg": "dandelion", "rose.jpg": "roses",
+                   "sunflower.jpg": "sunflowers", "tulip.jpg": "tulips"}
+
+
+@pytest.mark.skipif(not nin.WEIGHTS_PATH.is_file(), reason="no NiN.pth in the repository root")
+def test_shipped_weights_classify_every_test_photo(tmp_path):
+    saved = torch.load(nin.WEIGHTS_PATH, map_location="cpu", weights_only=True)
+    assert saved["classes"] == sorted(set(SHIPPED_CLASSES.values()))
+    result = run("predict.py", *(nin.ROOT / "test_img" / name for name in SHIPPED_CLASSES), "--json",
+                 "--out-dir", tmp_path, cwd=tmp_path)
+    predicted = {Path(r["image"]).name: r["top"][0]["class"] for r in json.loads(result.stdout)}
+    assert predicted == SHIPPED_CLASSES
