@@ -64,6 +64,9 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # output piped into `head` or the like, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush fails silently
+        raise SystemExit(1) from None
 
 
 def default_device() -> str:
