@@ -510,7 +510,7 @@ def main() -> None:
             history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
                             "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4), "lr": f"{lr:.3g}",
                             "seconds": round(seconds, 1)})
-            best = val_acc > best_acc  # the same in every process: val_cm was summed over all of them
+            best = best_cm is None or val_acc > best_acc  # the same in every process: val_cm is summed
             if best:
                 best_acc, best_cm = val_acc, val_cm
             if main_process:

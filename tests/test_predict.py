@@ -112,6 +112,16 @@ def test_missing_or_unreadable_image(trained, tmp_path):
     (tmp_path / "fake.jpg").write_bytes(b"\x00" * 100)
     assert_clean_error(predict(trained, tmp_path / "fake.jpg", check=False), "cannot read image")
     assert_clean_error(predict(trained, tmp_path / "fake.jpg", "--top-k", "0", check=False), "--top-k")
+    (tmp_path / "empty_folder").mkdir()
+    result = predict(trained, tmp_path / "empty_folder", check=False)
+    assert_clean_error(result, "no image could be read")
+    assert "no images in folder" in result.stderr
+
+
+def test_missing_class_index(trained, photos, tmp_path):
+    result = run("predict.py", photos[("red", "RGB")], "--weights", trained["weights"], "--class-idx",
+                 tmp_path / "absent.json", cwd=tmp_path, check=False)
+    assert_clean_error(result, "class index not found")
 
 
 def test_several_images_give_a_csv_row_each(trained, photos, tmp_path):

@@ -187,3 +187,45 @@ def test_symlinks_and_unusual_names(source, tmp_path):
     linked = tmp_path / "data" / s["green/link to photo.jpg"] / "green" / "link to photo.jpg"
     assert linked.read_bytes() == elsewhere.read_bytes()
     assert result.returncode == 0
+
+
+def test_corrupt_download_is_deleted_and_never_extracted(tmp_path, monkeypatch):
+    def fake_download(url, dest):
+        dest.write_bytes(b"this is not the archive")
+
+    monkeypatch.setattr(split_data, "download", fake_download)
+    dest = tmp_path / "data" / "flower_photos"
+    dest.parent.mkdir()
+    with pytest.raises(CLIError, match="corrupt"):
+        split_data.fetch_flower_photos(dest, archive=None)
+    assert list((tmp_path / "data").iterdir()) == []  # neither the archive nor anything extracted
+
+
+class FakeResponse(io.BytesIO):
+    """What urlopen returns, serving `payload`, optionally failing after `fail_after` bytes."""
+
+    def __init__(self, payload: bytes, fail_after: int | None = None):
+        super().__init__(payload)
+        self.headers = {"Content-Length": str(len(payload))}
+        self.fail_after = fail_after
+
+    def read(self, size=-1):
+        if self.fail_after is not None and self.tell() >= self.fail_after:
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(min(size, 4) if size > 0 else size)
+
+
+@pytest.mark.parametrize("fail_after", [None, 8])
+def test_download_is_complete_or_absent(tmp_path, monkeypatch, fail_after):
+    monkeypatch.setattr(split_data.urllib.request, "urlopen",
+                        lambda url, timeout: FakeResponse(b"0123456789abcdef", fail_after))
+    dest = tmp_path / "flower_photos.tgz"
+    (tmp_path / "flower_photos.tgz.part").write_bytes(b"left by an interrupted run")
+    if fail_after is None:
+        split_data.download("https://example.invalid/a.tgz", dest)
+        assert dest.read_bytes() == b"0123456789abcdef"
+    else:
+        with pytest.raises(CLIError, match="download of"):
+            split_data.download("https://example.invalid/a.tgz", dest)
+        assert not dest.exists()
+    assert not (tmp_path / "flower_photos.tgz.part").exists()

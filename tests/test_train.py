@@ -134,9 +134,18 @@ def test_augmentation_is_batched_crop_and_flip():
     assert zoom.min() < 0.6 * zoom.max()  # crops of different sizes
 
 
-def test_missing_data_says_to_run_split_data(tmp_path):
-    result = run("train.py", "--data-dir", tmp_path / "data", cwd=tmp_path, check=False)
-    assert_clean_error(result, "split_data.py")
+@pytest.mark.parametrize("problem", ["missing", "empty", "a file"])
+def test_missing_or_unusable_data_folders(tmp_path, problem):
+    data = tmp_path / "data"
+    if problem == "empty":
+        (data / "train").mkdir(parents=True)
+        (data / "val").mkdir()
+    elif problem == "a file":  # e.g. an unreadable or mistaken path: not a folder of class folders
+        data.mkdir()
+        (data / "train").write_text("not a folder")
+        (data / "val").mkdir()
+    result = run("train.py", "--data-dir", data, cwd=tmp_path, check=False)
+    assert_clean_error(result, "split_data.py" if problem != "empty" else "class folder")
 
 
 def test_empty_class_folder_is_a_clear_error(tmp_path, split_data_dir):
