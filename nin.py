@@ -224,9 +224,9 @@ def decode_images(paths: list[str | os.PathLike], to_tensor: Callable[[Any, int]
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[true class, predicted class] counts."""
+    """[true class, predicted class] counts, on the device of the inputs."""
     flat = targets.long() * num_classes + predictions.long()
-    return torch.bincount(flat.cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
 
 def per_class_scores(cm: torch.Tensor) -> list[tuple[float, float, float, int]]:

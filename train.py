@@ -40,6 +40,7 @@ from nin import (
     CLIError,
     NiN,
     classification_report,
+    confusion_matrix,
     decode_images,
     default_device,
     eval_tensor,
@@ -348,7 +349,7 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, num_classes: int
         with autocast:
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2).view_as(cm)
+        cm += confusion_matrix(y, logits.argmax(1), num_classes)
     all_reduce_sum(loss_sum)
     all_reduce_sum(cm)
     return loss_sum.item() / cm.sum().item(), cm.cpu()
