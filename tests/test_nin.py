@@ -13,11 +13,13 @@ from PIL import Image
 import nin
 
 
-def expected_parameters(num_classes: int, batch_norm: bool = True) -> int:
+def expected_parameters(num_classes: int, batch_norm: bool = True, head_width: int | None = None) -> int:
     """Counted from the paper's geometry: k*k*in*out weights per conv, plus BN's scale and shift (2*out), or a
-    bias (out) where there is no BN: everywhere in the faithful net, and on the very last conv by default."""
-    blocks = [(3, 96, 11), (96, 256, 5), (256, 384, 3), (384, num_classes, 3)]
+    bias (out) where there is no BN: everywhere in the faithful net, and on the very last conv by default.
+    The last block is head_width wide (default num_classes) and ends in num_classes maps."""
+    blocks = [(3, 96, 11), (96, 256, 5), (256, 384, 3), (384, head_width or num_classes, 3)]
     convs = [(cin_, cout, k_) for cin, cout, k in blocks for cin_, k_ in ((cin, k), (cout, 1), (cout, 1))]
+    convs[-1] = (convs[-1][0], num_classes, 1)
     total = 0
     for i, (cin, cout, k) in enumerate(convs):
         has_bn = batch_norm and i < len(convs) - 1
@@ -38,6 +40,14 @@ def test_parameter_count_matches_the_geometry(num_classes):
     assert count == expected_parameters(num_classes)
     faithful = sum(p.numel() for p in nin.NiN(num_classes, faithful=True).parameters())
     assert faithful == expected_parameters(num_classes, batch_norm=False)
+    wide = sum(p.numel() for p in nin.NiN(num_classes, head_width=512).parameters())
+    assert wide == expected_parameters(num_classes, head_width=512)
+
+
+def test_wide_head_still_ends_in_one_map_per_class():
+    model = nin.NiN(5, head_width=64).eval()
+    assert model.class_maps(torch.randn(2, 3, 96, 96)).shape[:2] == (2, 5)
+    assert model.config["head_width"] == 64
 
 
 def test_default_class_maps_are_linear_and_faithful_is_classic():
@@ -45,7 +55,8 @@ def test_default_class_maps_are_linear_and_faithful_is_classic():
     assert isinstance(default.features[-1][-1], torch.nn.Conv2d)  # no ReLU can zero the logits
     assert isinstance(faithful.features[-1][-1], torch.nn.ReLU)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in faithful.modules())
-    assert faithful.config == {"num_classes": 5, "batch_norm": False, "dropout": 0.5, "faithful": True}
+    assert faithful.config == {"num_classes": 5, "batch_norm": False, "dropout": 0.5, "faithful": True,
+                               "head_width": None}
 
 
 def test_logits_are_the_means_of_the_class_maps():
@@ -104,11 +115,34 @@ def test_weights_round_trip_and_class_index(tmp_path):
     nin.save_weights(model, ["a", "b", "c"], 96, tmp_path / "w.pth")
     loaded, classes, size = nin.load_weights(tmp_path / "w.pth")
     assert classes == ["a", "b", "c"] and size == 96 and not loaded.training
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value)
+    for key, value in model.state_dict().items():  # float16 on disk, float32 again once loaded
+        assert loaded.state_dict()[key].dtype == value.dtype
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=1e-3, atol=1e-5)
     nin.save_class_names(classes, tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text()) == {"0": "a", "1": "b", "2": "c"}
     assert nin.load_class_names(tmp_path / "c.json") == classes
+
+
+def test_weights_are_stored_as_float16_and_predict_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = nin.NiN(5, head_width=64)
+    with torch.no_grad():  # trained-looking batch-norm statistics, one of them beyond float16's range
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-2, 2)
+                m.running_var.uniform_(0.5, 3)
+        model.features[0][1].running_var[0] = 1e6
+        model.features[0][1].running_var[1] = 7e4
+    nin.save_weights(model, list("abcde"), 96, tmp_path / "w.pth")
+    stored = torch.load(tmp_path / "w.pth", weights_only=True)["model"]
+    assert stored["features.0.0.weight"].dtype == torch.float16
+    assert stored["features.0.1.running_var"].dtype == torch.float32  # 7e4 > 65504: kept exact
+    loaded, _, _ = nin.load_weights(tmp_path / "w.pth")
+    x = torch.randn(8, 3, 96, 96)
+    with torch.no_grad():
+        before, after = model.eval()(x).softmax(1), loaded(x).softmax(1)
+    assert (before - after).abs().max() < 1e-2
+    assert torch.equal(before.argmax(1), after.argmax(1))
 
 
 @pytest.mark.parametrize("text", ['["a", "b"]', '{"1": "a", "2": "b"}', '{"0": 3}', "{nope"])
