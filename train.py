@@ -24,8 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
+from torchvision.transforms.v2 import CutMix, MixUp, RandomChoice
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -59,7 +61,7 @@ from nin import (
 )
 
 # Defaults: every one is a flag below.
-EPOCHS = 60
+EPOCHS = 90
 BATCH_SIZE = 64
 LR = 0.05
 MOMENTUM = 0.9
@@ -69,10 +71,15 @@ STEP_EPOCHS = 30
 LABEL_SMOOTHING = 0.1
 MIN_CROP_SCALE = 0.25
 DROPOUT = 0.0
+HEAD_WIDTH = 512  # 0: the last block is num_classes wide (the usual layout)
+MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
+CUTMIX = 1.0
+EMA_DECAY = 0.0  # 0 turns the weight average off
 SEED = 0
 WORKERS = min(8, os.cpu_count() or 1)
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
+FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing costs ~0.5 s)
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -97,6 +104,15 @@ def parse_args() -> argparse.Namespace:
                    help="smallest area share of a random-resized crop")
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="training and evaluation input side")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout between mlpconv blocks")
+    p.add_argument("--head-width", type=int, default=HEAD_WIDTH,
+                   help="width of the last mlpconv block's 3x3 and first 1x1 conv (0: num_classes, the usual "
+                        "layout; the paper's ImageNet NiN used 1024)")
+    p.add_argument("--mixup", type=float, default=MIXUP, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=CUTMIX,
+                   help="CutMix alpha (0: off); with --mixup too, each batch gets one of the two")
+    p.add_argument("--ema", type=float, default=EMA_DECAY,
+                   help="decay of an exponential moving average of the weights, which is then validated and "
+                        "saved instead of them (0: off); it ramps up as (1+t)/(10+t) over the first steps")
     p.add_argument("--faithful", action="store_true",
                    help="the classic NiN (no batch norm, ReLU on the class maps, dropout 0.5)")
     p.add_argument("--seed", type=int, default=SEED, help="seeds weights, shuffling and augmentation")
@@ -127,6 +143,9 @@ def parse_args() -> argparse.Namespace:
               (0 < args.min_crop_scale <= 1, "--min-crop-scale must be in (0, 1]"),
               (args.image_size >= MIN_IMAGE_SIZE, f"--image-size must be at least {MIN_IMAGE_SIZE}"),
               (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+              (args.head_width >= 0, "--head-width must not be negative"),
+              (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must not be negative"),
+              (0 <= args.ema < 1, "--ema must be in [0, 1)"),
               (args.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
               (args.step_epochs >= 1, "--step-epochs must be at least 1"),
               (args.workers >= 0, "--workers must not be negative")]
@@ -290,22 +309,45 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def augment(images: torch.Tensor, image_size: int, min_crop_scale: float) -> torch.Tensor:
-    """A batch of cached uint8 images to the network's training input: cropped, flipped, normalised."""
-    x = normalize(random_resized_crop_flip(images, image_size, min_crop_scale))
-    return x.contiguous(memory_format=torch.channels_last)
+def make_mixer(args: argparse.Namespace, num_classes: int) -> RandomChoice | None:
+    """torchvision's batch-level mixup and/or CutMix (each batch mixed with itself rolled by one), or None."""
+    mixers = ([MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+             ([CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    return RandomChoice(mixers) if mixers else None
+
+
+def augment(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
+            mixer: RandomChoice | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of cached uint8 images to the network's training input (cropped, flipped, normalised, maybe
+    mixed) and its targets: the labels, or class probabilities when mixed."""
+    x = normalize(random_resized_crop_flip(images, args.image_size, args.min_crop_scale))
+    if mixer is not None:
+        x, labels = mixer(x, labels)
+    return x.contiguous(memory_format=torch.channels_last), labels
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """A moving average of the weights and batch-norm statistics. Its decay ramps up as (1+t)/(10+t) to
+    `decay`: a fixed 0.999 would still hold 13% of the random initial weights after 2,000 steps, which is
+    a whole run here."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        t = int(num_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + t) / (10 + t)))(averaged, current, num_averaged)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             x: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+             x: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
              autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a ready batch; returns the (detached) loss and logits.
+    """One optimizer step on a ready batch (targets: labels or class probabilities); returns the (detached)
+    loss and logits.
 
     The scaler only acts for --amp fp16 (float16 gradients underflow without it); otherwise it passes through.
     """
     with autocast:
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -314,8 +356,10 @@ def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
 
 
 def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, args, device, epoch: int,
-                    autocast, main_process: bool) -> tuple[float, float]:
-    """Loss and accuracy of the epoch's (augmented) training batches, over every process."""
+                    autocast, main_process: bool, mixer: RandomChoice | None,
+                    ema: AveragedModel | None) -> tuple[float, float]:
+    """Loss and accuracy of the epoch's (augmented) training batches, over every process (with mixing, the
+    accuracy counts the dominant image's label)."""
     model.train()
     totals = torch.zeros(3, device=device)  # loss sum, correct, images
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False,
@@ -324,9 +368,11 @@ def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, arg
     for step, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        x = augment(images, args.image_size, args.min_crop_scale)
-        loss, logits = optimize(model, optimizer, scaler, x, labels, args.label_smoothing, autocast)
+        x, targets = augment(images, labels, args, mixer)
+        loss, logits = optimize(model, optimizer, scaler, x, targets, args.label_smoothing, autocast)
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         totals += torch.stack([loss * len(labels), (logits.argmax(1) == labels).sum(),
                                torch.tensor(len(labels), device=device)])
         if step % 10 == 0 and main_process:  # .item() waits for the GPU: not every step
@@ -355,6 +401,11 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, num_classes: int
     return loss_sum.item() / cm.sum().item(), cm.cpu()
 
 
+def best_row(history: list[dict]) -> dict:
+    """The first epoch with the highest val accuracy: the one whose weights are in NiN.pth."""
+    return max(history, key=lambda h: h["val_acc"])
+
+
 def save_curves(history: list[dict], path: Path) -> None:
     """Loss, accuracy and learning rate by epoch, as one PNG (rewritten every epoch)."""
     import matplotlib
@@ -366,7 +417,7 @@ def save_curves(history: list[dict], path: Path) -> None:
     for split, style in (("train", "-"), ("val", "-o")):
         loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, markersize=3, label=split)
         acc_ax.plot(epochs, [h[f"{split}_acc"] for h in history], style, markersize=3, label=split)
-    best = max(history, key=lambda h: h["val_acc"])
+    best = best_row(history)
     acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
     acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']})")
     loss_ax.set_title("loss (train: smoothed labels, augmented)")
@@ -420,7 +471,8 @@ def main() -> None:
     if args.resume:
         checkpoint = load_torch(checkpoint_path, "checkpoint")
         keep = {"device": args.device, "workers": args.workers}
-        args = argparse.Namespace(**{**checkpoint["args"], **keep})
+        # Flags newer than the checkpoint keep their defaults (which reproduce the older behaviour).
+        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **keep})
         for name in ("data_dir", "weights", "class_idx", "out_dir"):
             setattr(args, name, Path(getattr(args, name)))
     rank, world, device = start_distributed(args.device)
@@ -476,35 +528,42 @@ def main() -> None:
             order = epoch_order(len(train_labels), args.seed, epoch)
             return batches(train_images, train_labels, batch_size, order, rank, world)
 
-    model = NiN(len(classes), dropout=None if args.faithful else args.dropout, faithful=args.faithful)
+    model = NiN(len(classes), dropout=None if args.faithful else args.dropout, faithful=args.faithful,
+                head_width=args.head_width or None)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, steps)
+    mixer = make_mixer(args, len(classes))
+    ema = make_ema(model, args.ema) if args.ema > 0 else None
     start_epoch, best_acc, best_cm, history = 1, 0.0, None, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
         start_epoch, best_acc, history = checkpoint["epoch"] + 1, checkpoint["best_acc"], checkpoint["history"]
         best_cm = checkpoint["best_confusion"]
         say(f"resumed {checkpoint_path} after epoch {checkpoint['epoch']} (best val acc {best_acc:.4f})")
-    trained = model  # what is saved: the plain model, without the DDP wrapper
+    trained = model  # the plain model, without the DDP wrapper
     if world > 1:
         if args.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             trained = model
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    validated = model if ema is None else ema.module  # what is validated and saved as NiN.pth
     if main_process:
         save_class_names(classes, args.class_idx)
 
     saved_epoch = start_epoch - 1
+    drawn_at = -math.inf
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(model, optimizer, scaler, scheduler, epoch_batches(epoch),
-                                                    steps, args, device, epoch, autocast, main_process)
-            val_loss, val_cm = evaluate(model, val_images, val_labels, len(classes), batch_size * 2, device,
+                                                    steps, args, device, epoch, autocast, main_process, mixer, ema)
+            val_loss, val_cm = evaluate(validated, val_images, val_labels, len(classes), batch_size * 2, device,
                                         autocast, rank, world)
             val_acc = val_cm.diag().sum().item() / val_cm.sum().item()
             seconds = time.perf_counter() - start
@@ -516,16 +575,19 @@ def main() -> None:
                 best_acc, best_cm = val_acc, val_cm
             if main_process:
                 if best:
-                    save_weights(trained, classes, args.image_size, args.weights)
-                    save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
-                                          f"val, best epoch {epoch}: {best_acc:.1%}")
+                    save_weights(trained if ema is None else ema.module, classes, args.image_size, args.weights)
                 save_torch({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
-                            "best_confusion": best_cm, "history": history, "classes": classes,
+                            "best_confusion": best_cm, "history": history,
+                            "ema": None if ema is None else ema.state_dict(), "classes": classes,
                             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
                            checkpoint_path)
                 saved_epoch = epoch
-                save_curves(history, args.out_dir / "curves.png")
+                if epoch == args.epochs or time.monotonic() - drawn_at > FIGURE_SECONDS:
+                    save_curves(history, args.out_dir / "curves.png")
+                    save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
+                                          f"val, best epoch {best_row(history)['epoch']}: {best_acc:.1%}")
+                    drawn_at = time.monotonic()
                 save_csv(history, args.out_dir / "metrics.csv")  # last: a complete CSV row means a complete epoch
                 tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "

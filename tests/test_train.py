@@ -134,6 +134,70 @@ def test_augmentation_is_batched_crop_and_flip():
     assert zoom.min() < 0.6 * zoom.max()  # crops of different sizes
 
 
+def test_mixup_and_cutmix_give_soft_targets_for_the_same_images():
+    import argparse
+
+    import train
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    labels = torch.arange(8) % 4
+    opts = argparse.Namespace(image_size=32, min_crop_scale=0.5, mixup=0.2, cutmix=1.0)
+    x, targets = train.augment(images, labels, opts, train.make_mixer(opts, num_classes=4))
+    assert x.shape == (8, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert targets.shape == (8, 4)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    assert (targets.argmax(1) == labels).all()  # the image's own label keeps the most weight...
+    assert (targets.max(1).values < 1).any()  # ...but not all of it
+    assert train.make_mixer(argparse.Namespace(mixup=0, cutmix=0), 4) is None
+
+
+def test_ema_forgets_the_random_start_within_a_few_dozen_steps():
+    """The ramp is why: a plain 0.999 would still be 95 % the random start after 50 steps."""
+    import train
+
+    model = torch.nn.Linear(4, 2)
+    ema = train.make_ema(model, decay=0.999)
+    with torch.no_grad():
+        start = model.weight.clone()
+        model.weight.add_(1.0)  # where training went
+    for _ in range(50):
+        ema.update_parameters(model)
+    share_of_start = ((model.weight - ema.module.weight) / (model.weight - start)).mean().item()
+    assert 0 <= share_of_start < 0.05
+
+
+def test_mixing_and_ema_run_saves_the_averaged_weights(split_data_dir, tmp_path):
+    out = tmp_path / "run"
+    run("train.py", *TRAIN_FLAGS, "--epochs", "2", "--mixup", "0.2", "--cutmix", "1.0", "--ema", "0.99",
+        "--data-dir", split_data_dir, "--out-dir", out, "--weights", tmp_path / "NiN.pth",
+        "--class-idx", tmp_path / "c.json", cwd=tmp_path)
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    steps = checkpoint["ema"]["n_averaged"].item()
+    assert steps == 2 * (len(list((split_data_dir / "train").rglob("*.jpg"))) // 8)
+    model, _, _ = nin.load_weights(tmp_path / "NiN.pth")
+    averaged = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
+    best_is_last = checkpoint["history"][-1]["val_acc"] == checkpoint["best_acc"]
+    if best_is_last:  # NiN.pth holds the moving average, not the raw weights of the checkpoint
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, averaged[key].float(), rtol=1e-3, atol=1e-4)
+
+
+def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = [*TRAIN_FLAGS, "--epochs", "1", "--data-dir", split_data_dir, "--out-dir", out,
+             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json"]
+    run("train.py", *flags, cwd=tmp_path)
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    for newer in ("mixup", "cutmix", "ema"):  # as written by an older train.py
+        del checkpoint["args"][newer]
+    checkpoint["args"]["epochs"] = 2
+    torch.save(checkpoint, out / "checkpoint.pth")
+    result = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
+    assert "resumed" in result.stdout
+    assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == [1, 2]
+
+
 @pytest.mark.parametrize("problem", ["missing", "empty", "a file"])
 def test_missing_or_unusable_data_folders(tmp_path, problem):
     data = tmp_path / "data"
@@ -174,7 +238,8 @@ def test_half_swapped_split_is_refused(tmp_path, split_data_dir):
 
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "-1"), ("--batch-size", "0"), ("--image-size", "32"),
-                                        ("--lr", "0"), ("--min-crop-scale", "1.5")])
+                                        ("--lr", "0"), ("--min-crop-scale", "1.5"), ("--head-width", "-1"),
+                                        ("--mixup", "-0.2"), ("--ema", "1")])
 def test_nonsense_flags_are_refused(tmp_path, flag, value):
     assert_clean_error(run("train.py", flag, value, cwd=tmp_path, check=False), flag)
 
@@ -182,7 +247,8 @@ def test_nonsense_flags_are_refused(tmp_path, flag, value):
 def test_help_documents_every_flag(tmp_path):
     out = run("train.py", "--help", cwd=tmp_path).stdout
     for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--optimizer", "--schedule",
-                 "--image-size", "--workers", "--seed", "--weights", "--class-idx", "--out-dir", "--resume"):
+                 "--image-size", "--head-width", "--mixup", "--cutmix", "--ema", "--workers", "--seed", "--weights",
+                 "--class-idx", "--out-dir", "--resume"):
         assert flag in out
 
 
