@@ -5,7 +5,8 @@
 
 Same model, batch size, image size and optimizer step in all three, measured one after the other in one run:
 - model-only: synthetic tensors already on the device (the ceiling for any input pipeline);
-- project: train.py's decode-once uint8 cache on the device, crops and flips per batch on the device;
+- project: train.py's decode-once uint8 cache on the device, crops, flips and mixup/CutMix per batch on the
+  device (train.py's defaults);
 - classic: ImageFolder + per-sample PIL RandomResizedCrop/flip/ToTensor/Normalize + DataLoader workers.
 Needs data/train (python split_data.py). The one-off decoding of the cache is timed separately.
 """
@@ -71,7 +72,8 @@ def main() -> None:
     train_set = train.find_images(args.data_dir / "train")
     opts = argparse.Namespace(lr=train.LR, momentum=train.MOMENTUM, weight_decay=train.WEIGHT_DECAY,
                               optimizer="sgd")
-    model = NiN(len(train_set.classes)).to(device, memory_format=torch.channels_last).train()
+    model = NiN(len(train_set.classes), head_width=train.HEAD_WIDTH or None)  # train.py's default network
+    model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = train.make_optimizer(model, opts)
     bs, size = args.batch_size, args.image_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
@@ -94,8 +96,12 @@ def main() -> None:
     decode_s = time.perf_counter() - start
     images, labels = images.to(device), labels.to(device)
 
+    augment = argparse.Namespace(image_size=size, min_crop_scale=train.MIN_CROP_SCALE, mixup=train.MIXUP,
+                                 cutmix=train.CUTMIX)
+    mixer = train.make_mixer(augment, len(train_set.classes))
+
     def project_step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        step(train.augment(images, size, train.MIN_CROP_SCALE), labels)
+        step(*train.augment(images, labels, augment, mixer))
 
     shuffled = forever(lambda: train.batches(images, labels, bs, torch.randperm(len(labels))))
     project = images_per_second(shuffled, project_step, bs, args.warmup, args.steps, device)
