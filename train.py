@@ -359,7 +359,7 @@ def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, arg
                     autocast, main_process: bool, mixer: RandomChoice | None,
                     ema: AveragedModel | None) -> tuple[float, float]:
     """Loss and accuracy of the epoch's (augmented) training batches, over every process (with mixing, the
-    accuracy counts the dominant image's label)."""
+    accuracy counts each image's own label, whatever share of it survived the mix)."""
     model.train()
     totals = torch.zeros(3, device=device)  # loss sum, correct, images
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False,
