@@ -420,7 +420,7 @@ def save_curves(history: list[dict], path: Path) -> None:
     best = best_row(history)
     acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
     acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']})")
-    loss_ax.set_title("loss (train: smoothed labels, augmented)")
+    loss_ax.set_title("loss (train: augmented, mixed batches, smoothed labels)")
     lr_ax.plot(epochs, [float(h["lr"]) for h in history], "-", color="tab:green")
     lr_ax.set_title("learning rate (start of epoch)")
     for ax in (loss_ax, acc_ax, lr_ax):
