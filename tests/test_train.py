@@ -251,15 +251,20 @@ def test_help_documents_every_flag(tmp_path):
         assert flag in out
 
 
+def torchrun_two_processes(*flags, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             ROOT / "train.py", *map(str, flags)], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
-    """DDP over gloo: one set of outputs, written by rank 0, that plain predict.py can use."""
+    """DDP over gloo: one set of outputs, written by rank 0, that plain predict.py can use; then --resume."""
     out = tmp_path / "run"
     flags = [*TRAIN_FLAGS, "--epochs", "8", "--per-process-batch", "--device", "cpu", "--data-dir", split_data_dir,
              "--out-dir", out, "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             ROOT / "train.py", *map(str, flags)], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
+    result = torchrun_two_processes(*flags, cwd=tmp_path)
     assert result.stdout.count("best val accuracy") == 1  # only rank 0 speaks
     assert "2 processes x batch 8" in result.stdout
     rows = read_metrics(out / "metrics.csv")
@@ -269,3 +274,10 @@ def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
     predicted = run("predict.py", probe, "--weights", tmp_path / "NiN.pth", "--class-idx",
                     tmp_path / "class_idx.json", "--json", cwd=tmp_path)
     assert '"class": "red"' in predicted.stdout
+
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)  # as if the run had been meant to be longer
+    checkpoint["args"]["epochs"] = 9
+    torch.save(checkpoint, out / "checkpoint.pth")
+    resumed = torchrun_two_processes("--resume", "--out-dir", out, "--device", "cpu", cwd=tmp_path)
+    assert resumed.stdout.count("resumed") == 1 and "after epoch 8" in resumed.stdout
+    assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == list(range(1, 10))
