@@ -34,6 +34,8 @@ CLASS_IDX_PATH = ROOT / "class_idx.json"
 RUNS_DIR = ROOT / "runs"
 
 IMAGE_SIZE = 160
+# Width inside the last mlpconv block (0: num_classes, the usual narrow layout; the paper's ImageNet net: 1024).
+HEAD_WIDTH = 512
 # Evaluation resizes the short side to IMAGE_SIZE / CROP_RATIO, then centre-crops (the ImageNet habit).
 CROP_RATIO = 0.875
 # ImageNet statistics: the usual choice, and close to flower_photos' own.
@@ -424,8 +426,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=5, help="number of classes (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input side (default: %(default)s)")
     parser.add_argument("--faithful", action="store_true", help="the classic NiN: no batch norm, dropout 0.5")
-    parser.add_argument("--head-width", type=int, default=0,
-                        help="width of the last block's hidden layers (default: 0, num_classes)")
+    parser.add_argument("--head-width", type=int, default=HEAD_WIDTH,
+                        help="width inside the last block; 0: num_classes (default: %(default)s)")
     args = parser.parse_args()
     if args.image_size < MIN_IMAGE_SIZE:
         parser.error(f"--image-size must be at least {MIN_IMAGE_SIZE}")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from nin import (
     CLASS_IDX_PATH,
     DATA_DIR,
+    HEAD_WIDTH,
     IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     RUNS_DIR,
@@ -71,7 +72,6 @@ STEP_EPOCHS = 30
 LABEL_SMOOTHING = 0.1
 MIN_CROP_SCALE = 0.25
 DROPOUT = 0.0
-HEAD_WIDTH = 512  # 0: the last block is num_classes wide (the usual layout)
 MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
 CUTMIX = 1.0
 EMA_DECAY = 0.0  # 0 turns the weight average off

@@ -90,7 +90,7 @@ def test_too_small_input_fails():
 def test_nin_script_prints_shapes_and_parameters(tmp_path):
     out = run("nin.py", "--num-classes", "5", "--image-size", "224", cwd=tmp_path).stdout
     assert "(1, 5, 6, 6)" in out  # the class maps at 224 px
-    assert f"parameters: {expected_parameters(5):,}" in out
+    assert f"parameters: {expected_parameters(5, head_width=nin.HEAD_WIDTH):,}" in out  # the default network
 
 
 @pytest.mark.parametrize("mode,suffix", [("RGB", ".jpg"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"),
