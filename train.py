@@ -79,6 +79,8 @@ SEED = 0
 WORKERS = min(8, os.cpu_count() or 1)
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
+# What a checkpoint written before these flags existed was trained with (not today's defaults).
+BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0}
 FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing costs ~0.5 s)
 
 
@@ -407,7 +409,7 @@ def best_row(history: list[dict]) -> dict:
 
 
 def save_curves(history: list[dict], path: Path) -> None:
-    """Loss, accuracy and learning rate by epoch, as one PNG (rewritten every epoch)."""
+    """Loss, accuracy and learning rate by epoch, as one PNG."""
     import matplotlib
     matplotlib.use("Agg")  # files only: never needs or waits for a display
     import matplotlib.pyplot as plt
@@ -471,8 +473,7 @@ def main() -> None:
     if args.resume:
         checkpoint = load_torch(checkpoint_path, "checkpoint")
         keep = {"device": args.device, "workers": args.workers}
-        # Flags newer than the checkpoint keep their defaults (which reproduce the older behaviour).
-        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **keep})
+        args = argparse.Namespace(**{**vars(args), **BEFORE_FLAG_EXISTED, **checkpoint["args"], **keep})
         for name in ("data_dir", "weights", "class_idx", "out_dir"):
             setattr(args, name, Path(getattr(args, name)))
     rank, world, device = start_distributed(args.device)

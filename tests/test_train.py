@@ -184,11 +184,12 @@ def test_mixing_and_ema_run_saves_the_averaged_weights(split_data_dir, tmp_path)
 
 def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path):
     out = tmp_path / "run"
-    flags = [*TRAIN_FLAGS, "--epochs", "1", "--data-dir", split_data_dir, "--out-dir", out,
-             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json"]
+    flags = [*TRAIN_FLAGS, "--epochs", "1", "--head-width", "0", "--mixup", "0", "--cutmix", "0",
+             "--data-dir", split_data_dir, "--out-dir", out, "--weights", tmp_path / "NiN.pth",
+             "--class-idx", tmp_path / "c.json"]
     run("train.py", *flags, cwd=tmp_path)
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    for newer in ("mixup", "cutmix", "ema"):  # as written by an older train.py
+    for newer in ("head_width", "mixup", "cutmix", "ema"):  # as written by an older train.py
         del checkpoint["args"][newer]
     checkpoint["args"]["epochs"] = 2
     torch.save(checkpoint, out / "checkpoint.pth")
