@@ -71,6 +71,8 @@ WARMUP_EPOCHS = 2
 STEP_EPOCHS = 30
 LABEL_SMOOTHING = 0.1
 MIN_CROP_SCALE = 0.25
+START_SIZE = 0  # progressive resizing: 0 trains every epoch at --image-size
+SIZE_STEP = 16  # progressive resizing grows the training images by this many pixels a stage
 DROPOUT = 0.0
 MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
 CUTMIX = 1.0
@@ -80,7 +82,7 @@ WORKERS = min(8, os.cpu_count() or 1)
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
 # What a checkpoint written before these flags existed was trained with (not today's defaults).
-BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0}
+BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0}
 FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing costs ~0.5 s)
 
 
@@ -105,6 +107,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-crop-scale", type=float, default=MIN_CROP_SCALE,
                    help="smallest area share of a random-resized crop")
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="training and evaluation input side")
+    p.add_argument("--start-size", type=int, default=START_SIZE,
+                   help=f"progressive resizing: train the first epochs at this side, growing by {SIZE_STEP} px "
+                        "in equal stages up to --image-size for the last (0: off)")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout between mlpconv blocks")
     p.add_argument("--head-width", type=int, default=HEAD_WIDTH,
                    help="width of the last mlpconv block's 3x3 and first 1x1 conv (0: num_classes, the usual "
@@ -144,6 +149,8 @@ def parse_args() -> argparse.Namespace:
               (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
               (0 < args.min_crop_scale <= 1, "--min-crop-scale must be in (0, 1]"),
               (args.image_size >= MIN_IMAGE_SIZE, f"--image-size must be at least {MIN_IMAGE_SIZE}"),
+              (args.start_size == 0 or MIN_IMAGE_SIZE <= args.start_size <= args.image_size,
+               f"--start-size must be 0 (off) or between {MIN_IMAGE_SIZE} and --image-size"),
               (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
               (args.head_width >= 0, "--head-width must not be negative"),
               (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must not be negative"),
@@ -318,11 +325,22 @@ def make_mixer(args: argparse.Namespace, num_classes: int) -> RandomChoice | Non
     return RandomChoice(mixers) if mixers else None
 
 
-def augment(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
+def training_size(epoch: int, epochs: int, start_size: int, image_size: int) -> int:
+    """The side of an epoch's training crops. Progressive resizing cuts the run into equal stages whose sizes
+    grow from start_size to image_size by SIZE_STEP: the early epochs, which learn coarse shapes, cost a
+    fraction of a full-size one, and the last stage trains at the size that validation and predict.py use,
+    so the weights and batch-norm statistics end up tuned to it."""
+    if not start_size:
+        return image_size
+    sizes = [*range(start_size, image_size, SIZE_STEP), image_size]
+    return sizes[(epoch - 1) * len(sizes) // epochs]
+
+
+def augment(images: torch.Tensor, labels: torch.Tensor, size: int, args: argparse.Namespace,
             mixer: RandomChoice | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of cached uint8 images to the network's training input (cropped, flipped, normalised, maybe
-    mixed) and its targets: the labels, or class probabilities when mixed."""
-    x = normalize(random_resized_crop_flip(images, args.image_size, args.min_crop_scale))
+    """A batch of cached uint8 images to the network's training input (cropped to size x size, flipped,
+    normalised, maybe mixed) and its targets: the labels, or class probabilities when mixed."""
+    x = normalize(random_resized_crop_flip(images, size, args.min_crop_scale))
     if mixer is not None:
         x, labels = mixer(x, labels)
     return x.contiguous(memory_format=torch.channels_last), labels
@@ -358,19 +376,19 @@ def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
 
 
 def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, args, device, epoch: int,
-                    autocast, main_process: bool, mixer: RandomChoice | None,
+                    size: int, autocast, main_process: bool, mixer: RandomChoice | None,
                     ema: AveragedModel | None) -> tuple[float, float]:
     """Loss and accuracy of the epoch's (augmented) training batches, over every process (with mixing, the
     accuracy counts each image's own label, whatever share of it survived the mix)."""
     model.train()
     totals = torch.zeros(3, device=device)  # loss sum, correct, images
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False,
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs} ({size} px)", unit="batch", leave=False,
                disable=not main_process)
     start = time.perf_counter()
     for step, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        x, targets = augment(images, labels, args, mixer)
+        x, targets = augment(images, labels, size, args, mixer)
         loss, logits = optimize(model, optimizer, scaler, x, targets, args.label_smoothing, autocast)
         scheduler.step()
         if ema is not None:
@@ -483,6 +501,8 @@ def main() -> None:
     if batch_size < 2:
         raise CLIError(f"--batch-size {args.batch_size} leaves fewer than 2 images per process")
     torch.manual_seed(args.seed + rank)  # each process its own augmentations
+    # A handful of input shapes per run: cuDNN times its algorithms once per shape and keeps the fastest.
+    torch.backends.cudnn.benchmark = True
     use_amp = args.amp != "off" and device.type in ("cuda", "mps")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
                               enabled=use_amp)
@@ -562,8 +582,9 @@ def main() -> None:
         for epoch in range(start_epoch, args.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc = train_one_epoch(model, optimizer, scaler, scheduler, epoch_batches(epoch),
-                                                    steps, args, device, epoch, autocast, main_process, mixer, ema)
+            size = training_size(epoch, args.epochs, args.start_size, args.image_size)
+            train_loss, train_acc = train_one_epoch(model, optimizer, scaler, scheduler, epoch_batches(epoch), steps,
+                                                    args, device, epoch, size, autocast, main_process, mixer, ema)
             val_loss, val_cm = evaluate(validated, val_images, val_labels, len(classes), batch_size * 2, device,
                                         autocast, rank, world)
             val_acc = val_cm.diag().sum().item() / val_cm.sum().item()
@@ -592,7 +613,7 @@ def main() -> None:
                 save_csv(history, args.out_dir / "metrics.csv")  # last: a complete CSV row means a complete epoch
                 tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
-                           f"{seconds:.1f}s")
+                           f"{size} px  {seconds:.1f}s")
     except KeyboardInterrupt:
         if saved_epoch == 0:
             raise CLIError("interrupted during the first epoch: nothing to resume yet") from None

@@ -96,12 +96,11 @@ def main() -> None:
     decode_s = time.perf_counter() - start
     images, labels = images.to(device), labels.to(device)
 
-    augment = argparse.Namespace(image_size=size, min_crop_scale=train.MIN_CROP_SCALE, mixup=train.MIXUP,
-                                 cutmix=train.CUTMIX)
+    augment = argparse.Namespace(min_crop_scale=train.MIN_CROP_SCALE, mixup=train.MIXUP, cutmix=train.CUTMIX)
     mixer = train.make_mixer(augment, len(train_set.classes))
 
     def project_step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        step(*train.augment(images, labels, augment, mixer))
+        step(*train.augment(images, labels, size, augment, mixer))
 
     shuffled = forever(lambda: train.batches(images, labels, bs, torch.randperm(len(labels))))
     project = images_per_second(shuffled, project_step, bs, args.warmup, args.steps, device)

@@ -142,8 +142,8 @@ def test_mixup_and_cutmix_give_soft_targets_for_the_same_images():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
     labels = torch.arange(8) % 4
-    opts = argparse.Namespace(image_size=32, min_crop_scale=0.5, mixup=0.2, cutmix=1.0)
-    x, targets = train.augment(images, labels, opts, train.make_mixer(opts, num_classes=4))
+    opts = argparse.Namespace(min_crop_scale=0.5, mixup=0.2, cutmix=1.0)
+    x, targets = train.augment(images, labels, 32, opts, train.make_mixer(opts, num_classes=4))
     assert x.shape == (8, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
     assert targets.shape == (8, 4)
     own, neighbour = targets[torch.arange(8), labels], targets[torch.arange(8), labels.roll(1)]
