@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -206,10 +207,18 @@ def eval_tensor(path: str | os.PathLike, image_size: int) -> torch.Tensor:
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:
     """Images [N, 3, H, W] in 0..255, uint8 or float, on any device, to the float input the network expects."""
-    std = torch.tensor(STD, device=batch.device).view(1, 3, 1, 1)
-    mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1)
+    shift, scale = normalization_constants(batch.device)
     # (x / 255 - mean) / std as one fused multiply-add: a third of the memory traffic.
-    return torch.addcmul(-mean / std, batch.float(), 1 / (255 * std))
+    return torch.addcmul(shift, batch.float(), scale)
+
+
+@functools.cache
+def normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize's -mean/std and 1/(255 std), made once per device: made from Python numbers at every call,
+    they would be copied to the GPU while it waits, once per batch."""
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    return (-mean / std).to(device), (1 / (255 * std)).to(device)
 
 
 def decode_images(paths: list[str | os.PathLike], to_tensor: Callable[[Any, int], torch.Tensor], image_size: int,

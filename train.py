@@ -13,6 +13,7 @@ Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import math
 import os
@@ -62,7 +63,7 @@ from nin import (
 )
 
 # Defaults: every one is a flag below.
-EPOCHS = 90
+EPOCHS = 120
 BATCH_SIZE = 64
 LR = 0.05
 MOMENTUM = 0.9
@@ -71,7 +72,7 @@ WARMUP_EPOCHS = 2
 STEP_EPOCHS = 30
 LABEL_SMOOTHING = 0.1
 MIN_CROP_SCALE = 0.25
-START_SIZE = 0  # progressive resizing: 0 trains every epoch at --image-size
+START_SIZE = 112  # progressive resizing from this side up to --image-size (0: off)
 SIZE_STEP = 16  # progressive resizing grows the training images by this many pixels a stage
 DROPOUT = 0.0
 MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
@@ -83,6 +84,9 @@ CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
 # What a checkpoint written before these flags existed was trained with (not today's defaults).
 BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0}
+# Writing the checkpoint and NiN.pth takes ~0.3 s, as long as a whole epoch on a GPU: after an epoch they are
+# saved only if this long has passed since the last save (every epoch on a CPU), and after the last epoch.
+SAVE_SECONDS = 10
 FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing costs ~0.5 s)
 
 
@@ -109,7 +113,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="training and evaluation input side")
     p.add_argument("--start-size", type=int, default=START_SIZE,
                    help=f"progressive resizing: train the first epochs at this side, growing by {SIZE_STEP} px "
-                        "in equal stages up to --image-size for the last (0: off)")
+                        "in equal stages up to --image-size for the last (0, or a side not below --image-size: off)")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout between mlpconv blocks")
     p.add_argument("--head-width", type=int, default=HEAD_WIDTH,
                    help="width of the last mlpconv block's 3x3 and first 1x1 conv (0: num_classes, the usual "
@@ -149,8 +153,8 @@ def parse_args() -> argparse.Namespace:
               (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
               (0 < args.min_crop_scale <= 1, "--min-crop-scale must be in (0, 1]"),
               (args.image_size >= MIN_IMAGE_SIZE, f"--image-size must be at least {MIN_IMAGE_SIZE}"),
-              (args.start_size == 0 or MIN_IMAGE_SIZE <= args.start_size <= args.image_size,
-               f"--start-size must be 0 (off) or between {MIN_IMAGE_SIZE} and --image-size"),
+              (args.start_size == 0 or args.start_size >= MIN_IMAGE_SIZE,
+               f"--start-size must be 0 (off) or at least {MIN_IMAGE_SIZE}"),
               (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
               (args.head_width >= 0, "--head-width must not be negative"),
               (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must not be negative"),
@@ -329,10 +333,9 @@ def training_size(epoch: int, epochs: int, start_size: int, image_size: int) -> 
     """The side of an epoch's training crops. Progressive resizing cuts the run into equal stages whose sizes
     grow from start_size to image_size by SIZE_STEP: the early epochs, which learn coarse shapes, cost a
     fraction of a full-size one, and the last stage trains at the size that validation and predict.py use,
-    so the weights and batch-norm statistics end up tuned to it."""
-    if not start_size:
-        return image_size
-    sizes = [*range(start_size, image_size, SIZE_STEP), image_size]
+    so the weights and batch-norm statistics end up tuned to it. A run of fewer epochs than stages skips the
+    smallest sizes, so that it too ends at image_size."""
+    sizes = [*range(start_size or image_size, image_size, SIZE_STEP), image_size][-epochs:]
     return sizes[(epoch - 1) * len(sizes) // epochs]
 
 
@@ -393,8 +396,9 @@ def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, arg
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
+        # torch.full, not torch.tensor: copying a number to a GPU would wait for it, every step.
         totals += torch.stack([loss * len(labels), (logits.argmax(1) == labels).sum(),
-                               torch.tensor(len(labels), device=device)])
+                               torch.full((), len(labels), device=device)])
         if step % 10 == 0 and main_process:  # .item() waits for the GPU: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             img_s=f"{totals[2].item() / (time.perf_counter() - start):.0f}/process")
@@ -576,8 +580,8 @@ def main() -> None:
     if main_process:
         save_class_names(classes, args.class_idx)
 
-    saved_epoch = start_epoch - 1
-    drawn_at = -math.inf
+    saved_epoch, saved_at, drawn_at = start_epoch - 1, -math.inf, -math.inf
+    unsaved_best = None  # the best epoch's weights while they wait for the next save
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             start = time.perf_counter()
@@ -596,21 +600,25 @@ def main() -> None:
             if best:
                 best_acc, best_cm = val_acc, val_cm
             if main_process:
-                if best:
-                    save_weights(trained if ema is None else ema.module, classes, args.image_size, args.weights)
-                save_torch({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
-                            "best_confusion": best_cm, "history": history,
-                            "ema": None if ema is None else ema.state_dict(), "classes": classes,
-                            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
-                           checkpoint_path)
-                saved_epoch = epoch
-                if epoch == args.epochs or time.monotonic() - drawn_at > FIGURE_SECONDS:
-                    save_curves(history, args.out_dir / "curves.png")
-                    save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
-                                          f"val, best epoch {best_row(history)['epoch']}: {best_acc:.1%}")
-                    drawn_at = time.monotonic()
-                save_csv(history, args.out_dir / "metrics.csv")  # last: a complete CSV row means a complete epoch
+                if best:  # a copy on the device, written at the next save
+                    unsaved_best = copy.deepcopy(trained if ema is None else ema.module)
+                if epoch == args.epochs or time.monotonic() - saved_at >= SAVE_SECONDS:
+                    if unsaved_best is not None:
+                        save_weights(unsaved_best, classes, args.image_size, args.weights)
+                        unsaved_best = None
+                    save_torch({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
+                                "best_confusion": best_cm, "history": history,
+                                "ema": None if ema is None else ema.state_dict(), "classes": classes,
+                                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
+                               checkpoint_path)
+                    saved_epoch, saved_at = epoch, time.monotonic()
+                    if epoch == args.epochs or saved_at - drawn_at > FIGURE_SECONDS:
+                        save_curves(history, args.out_dir / "curves.png")
+                        save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
+                                              f"val, best epoch {best_row(history)['epoch']}: {best_acc:.1%}")
+                        drawn_at = time.monotonic()
+                    save_csv(history, args.out_dir / "metrics.csv")  # last: a complete row means a saved epoch
                 tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
                            f"{size} px  {seconds:.1f}s")

@@ -182,6 +182,27 @@ def test_mixing_and_ema_run_saves_the_averaged_weights(split_data_dir, tmp_path)
     assert not torch.allclose(model.state_dict()[key], checkpoint["model"][key], atol=1e-4)  # ...not the raw weights
 
 
+def test_progressive_resizing_trains_equal_stages_growing_to_the_image_size():
+    import train
+
+    sizes = [train.training_size(epoch, 120, 112, 160) for epoch in range(1, 121)]  # the defaults
+    assert [sizes.count(s) for s in (112, 128, 144, 160)] == [30, 30, 30, 30] and sizes == sorted(sizes)
+    assert {train.training_size(epoch, 44, 80, 112) for epoch in (1, 15, 16, 30, 31, 44)} == {80, 96, 112}
+    assert [train.training_size(epoch, 3, 64, 100) for epoch in (1, 2, 3)] == [64, 80, 100]  # last stage: the size
+    assert [train.training_size(epoch, 3, 112, 160) for epoch in (1, 2, 3)] == [128, 144, 160]  # short runs too
+    for off in (0, 160, 200):  # no start size, or none below the image size: every epoch at the image size
+        assert {train.training_size(epoch, 10, off, 160) for epoch in range(1, 11)} == {160}
+
+
+def test_progressive_run_validates_and_saves_at_the_full_size(split_data_dir, tmp_path):
+    flags = [*TRAIN_FLAGS, "--epochs", "3", "--image-size", "80", "--start-size", "64", "--data-dir", split_data_dir,
+             "--out-dir", tmp_path / "run", "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json"]
+    result = run("train.py", *flags, cwd=tmp_path)
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[-2] for line in epochs] == ["64", "64", "80"]  # "... 64 px  1.2s"
+    assert nin.load_weights(tmp_path / "NiN.pth")[2] == 80  # predict.py's input size: the final one
+
+
 def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path):
     out = tmp_path / "run"
     flags = [*TRAIN_FLAGS, "--epochs", "1", "--head-width", "0", "--mixup", "0", "--cutmix", "0",
@@ -189,7 +210,7 @@ def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path
              "--class-idx", tmp_path / "c.json"]
     run("train.py", *flags, cwd=tmp_path)
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    for newer in ("head_width", "mixup", "cutmix", "ema"):  # as written by an older train.py
+    for newer in ("head_width", "mixup", "cutmix", "ema", "start_size"):  # as written by an older train.py
         del checkpoint["args"][newer]
     checkpoint["args"]["epochs"] = 2
     torch.save(checkpoint, out / "checkpoint.pth")
@@ -239,7 +260,7 @@ def test_half_swapped_split_is_refused(tmp_path, split_data_dir):
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "-1"), ("--batch-size", "0"), ("--image-size", "32"),
                                         ("--lr", "0"), ("--min-crop-scale", "1.5"), ("--head-width", "-1"),
-                                        ("--mixup", "-0.2"), ("--ema", "1")])
+                                        ("--mixup", "-0.2"), ("--ema", "1"), ("--start-size", "32")])
 def test_nonsense_flags_are_refused(tmp_path, flag, value):
     assert_clean_error(run("train.py", flag, value, cwd=tmp_path, check=False), flag)
 
@@ -247,8 +268,8 @@ def test_nonsense_flags_are_refused(tmp_path, flag, value):
 def test_help_documents_every_flag(tmp_path):
     out = run("train.py", "--help", cwd=tmp_path).stdout
     for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--optimizer", "--schedule",
-                 "--image-size", "--head-width", "--mixup", "--cutmix", "--ema", "--workers", "--seed", "--weights",
-                 "--class-idx", "--out-dir", "--resume"):
+                 "--image-size", "--start-size", "--head-width", "--mixup", "--cutmix", "--ema", "--workers", "--seed",
+                 "--weights", "--class-idx", "--out-dir", "--resume"):
         assert flag in out
 
 
