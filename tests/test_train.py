@@ -188,7 +188,7 @@ def test_progressive_resizing_trains_equal_stages_growing_to_the_image_size():
     sizes = [train.training_size(epoch, 120, 112, 160) for epoch in range(1, 121)]  # the defaults
     assert [sizes.count(s) for s in (112, 128, 144, 160)] == [30, 30, 30, 30] and sizes == sorted(sizes)
     assert {train.training_size(epoch, 44, 80, 112) for epoch in (1, 15, 16, 30, 31, 44)} == {80, 96, 112}
-    assert [train.training_size(epoch, 3, 64, 100) for epoch in (1, 2, 3)] == [64, 80, 100]  # last stage: the size
+    assert [train.training_size(epoch, 4, 64, 100) for epoch in range(1, 5)] == [64, 80, 96, 100]  # ends at the size
     assert [train.training_size(epoch, 3, 112, 160) for epoch in (1, 2, 3)] == [128, 144, 160]  # short runs too
     for off in (0, 160, 200):  # no start size, or none below the image size: every epoch at the image size
         assert {train.training_size(epoch, 10, off, 160) for epoch in range(1, 11)} == {160}
@@ -199,7 +199,7 @@ def test_progressive_run_validates_and_saves_at_the_full_size(split_data_dir, tm
              "--out-dir", tmp_path / "run", "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json"]
     result = run("train.py", *flags, cwd=tmp_path)
     epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
-    assert [line.split()[-2] for line in epochs] == ["64", "64", "80"]  # "... 64 px  1.2s"
+    assert [line.split()[-3] for line in epochs] == ["64", "64", "80"]  # "... 64 px  1.2s"
     assert nin.load_weights(tmp_path / "NiN.pth")[2] == 80  # predict.py's input size: the final one
 
 
