@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchvision.transforms.v2 import functional as TF
 
-from nin import IMAGE_SIZE, SPLIT_ID_FILE, load_image, resize_size, run_cli
+from nin import IMAGE_SIZE, SPLIT_ID_FILE, run_cli
+from train import train_tensor
 
 
 def main() -> None:
@@ -29,14 +30,13 @@ def main() -> None:
     args = p.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     shutil.copytree(args.split / "val", args.out / "val")
-    side = resize_size(args.side)
     for path in sorted((args.split / "train").rglob("*")):
         target = args.out / "train" / path.relative_to(args.split / "train")
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.name == SPLIT_ID_FILE:
             shutil.copy(path, target)
         elif path.is_file():
-            square = TF.center_crop(TF.resize(load_image(path, side), side), side)
+            square = TF.to_pil_image(train_tensor(str(path), args.side))  # exactly what train.py caches
             square.save(target.with_suffix(".jpg"), quality=args.quality)
 
 
