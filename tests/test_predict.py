@@ -14,9 +14,9 @@ from conftest import COLOURS, assert_clean_error, draw, run
 import nin
 
 
-def predict(trained, *args, check: bool = True):
+def predict(trained, *args, check: bool = True, process: bool = False):
     return run("predict.py", *args, "--weights", trained["weights"], "--class-idx", trained["class_idx"],
-               "--out-dir", trained["dir"] / "predict", cwd=trained["dir"], check=check)
+               "--out-dir", trained["dir"] / "predict", cwd=trained["dir"], check=check, process=process)
 
 
 def read_csv(path):
@@ -54,7 +54,7 @@ def test_every_colour_mode_is_classified(trained, photos):
 
 
 def test_text_output_and_no_display(trained, photos):
-    result = predict(trained, photos[("red", "RGB")])
+    result = predict(trained, photos[("red", "RGB")], process=True)  # a fresh matplotlib finds no display
     assert result.stdout.startswith(f"{photos[('red', 'RGB')]}: red ")
     assert "--save" in result.stdout  # no display: a hint instead of a blocked or crashed window
 
