@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import math
 import os
 import time
@@ -431,7 +432,7 @@ def best_row(history: list[dict]) -> dict:
 
 
 def save_curves(history: list[dict], path: Path) -> None:
-    """Loss, accuracy and learning rate by epoch, as one PNG."""
+    """Loss, accuracy, learning rate and training size by epoch, as one PNG."""
     import matplotlib
     matplotlib.use("Agg")  # files only: never needs or waits for a display
     import matplotlib.pyplot as plt
@@ -444,9 +445,20 @@ def save_curves(history: list[dict], path: Path) -> None:
     best = best_row(history)
     acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
     acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']})")
-    loss_ax.set_title("loss (train: augmented, mixed batches, smoothed labels)")
+    loss_ax.set_title("loss (train: augmented, mixed, smoothed labels)")
     lr_ax.plot(epochs, [float(h["lr"]) for h in history], "-", color="tab:green")
     lr_ax.set_title("learning rate (start of epoch)")
+    lr_ax.set_ylabel("learning rate", color="tab:green")
+    sizes = [h["size"] for h in history]
+    if len(set(sizes)) > 1:  # progressive resizing: the training size on a second axis, its steps on the others
+        size_ax = lr_ax.twinx()
+        size_ax.step(epochs, sizes, where="mid", color="tab:purple")
+        size_ax.set_ylabel("training size (px)", color="tab:purple")
+        lr_ax.set_title("learning rate and training size")
+        for before, h in itertools.pairwise(history):
+            if h["size"] != before["size"]:
+                for ax in (loss_ax, acc_ax):
+                    ax.axvline(h["epoch"] - 0.5, color="grey", linewidth=0.8, alpha=0.5)
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -567,7 +579,10 @@ def main() -> None:
         scheduler.load_state_dict(checkpoint["scheduler"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
-        start_epoch, best_acc, history = checkpoint["epoch"] + 1, checkpoint["best_acc"], checkpoint["history"]
+        start_epoch, best_acc = checkpoint["epoch"] + 1, checkpoint["best_acc"]
+        # Each epoch's training size; a checkpoint from before that column gets it from its settings.
+        history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size), **h}
+                   for h in checkpoint["history"]]
         best_cm = checkpoint["best_confusion"]
         say(f"resumed {checkpoint_path} after epoch {checkpoint['epoch']} (best val acc {best_acc:.4f})")
     trained = model  # the plain model, without the DDP wrapper
@@ -595,7 +610,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
                             "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4), "lr": f"{lr:.3g}",
-                            "seconds": round(seconds, 1)})
+                            "size": size, "seconds": round(seconds, 1)})
             best = best_cm is None or val_acc > best_acc  # the same in every process: val_cm is summed
             if best:
                 best_acc, best_cm = val_acc, val_cm

@@ -25,7 +25,8 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 def test_training_learns_and_writes_every_output(trained):
     rows = read_metrics(trained["run"] / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "size", "seconds"}
+    assert {r["size"] for r in rows} == {"64"}
     best = max(float(r["val_acc"]) for r in rows)
     assert best >= 0.9  # three classes: chance is 0.33
     model, classes, size = nin.load_weights(trained["weights"])
@@ -200,6 +201,7 @@ def test_progressive_run_validates_and_saves_at_the_full_size(split_data_dir, tm
     result = run("train.py", *flags, cwd=tmp_path)
     epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[-3] for line in epochs] == ["64", "64", "80"]  # "... 64 px  1.2s"
+    assert [r["size"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["64", "64", "80"]
     assert nin.load_weights(tmp_path / "NiN.pth")[2] == 80  # predict.py's input size: the final one
 
 
@@ -212,11 +214,12 @@ def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     for newer in ("head_width", "mixup", "cutmix", "ema", "start_size"):  # as written by an older train.py
         del checkpoint["args"][newer]
+    del checkpoint["history"][0]["size"]
     checkpoint["args"]["epochs"] = 2
     torch.save(checkpoint, out / "checkpoint.pth")
     result = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
     assert "resumed" in result.stdout
-    assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == [1, 2]
+    assert [(r["epoch"], r["size"]) for r in read_metrics(out / "metrics.csv")] == [("1", "64"), ("2", "64")]
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "a file"])
