@@ -72,11 +72,24 @@ def run_cli(main: Callable[[], None]) -> None:
         raise SystemExit(1) from None
 
 
-def default_device() -> str:
-    """cuda if present, else Apple's mps, else the CPU."""
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+def pick_device(name: str | None) -> torch.device:
+    """--device: the named device, refused with a clear error unless it is here; None picks cuda if present,
+    else Apple's mps, else the CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} found)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: Apple's MPS is not available here")
+    return device
 
 
 def warn(message: str) -> None:

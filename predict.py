@@ -31,11 +31,11 @@ from nin import (
     classification_report,
     confusion_matrix,
     decode_images,
-    default_device,
     eval_tensor,
     load_class_names,
     load_weights,
     normalize,
+    pick_device,
     run_cli,
     save_confusion_matrix,
     save_csv,
@@ -318,7 +318,7 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(args.device or default_device())
+    device = pick_device(args.device)
     model, classes, image_size = load_model(args.weights, args.class_idx, device)
     if args.eval:
         evaluate_folder(model, classes, image_size, args, device)

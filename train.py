@@ -47,11 +47,11 @@ from nin import (
     classification_report,
     confusion_matrix,
     decode_images,
-    default_device,
     eval_tensor,
     load_image,
     load_torch,
     normalize,
+    pick_device,
     resize_size,
     run_cli,
     save_class_names,
@@ -475,7 +475,7 @@ def start_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
     process group: NCCL with one GPU per process, gloo on the CPU."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg or default_device())
+        return 0, 1, pick_device(device_arg)
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")

@@ -26,7 +26,7 @@ from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train
-from nin import DATA_DIR, IMAGE_SIZE, MEAN, STD, NiN, run_cli
+from nin import DATA_DIR, IMAGE_SIZE, MEAN, STD, NiN, pick_device, run_cli
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,7 +67,7 @@ def forever(make_iterable):
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     train_set = train.find_images(args.data_dir / "train")
     opts = argparse.Namespace(lr=train.LR, momentum=train.MOMENTUM, weight_decay=train.WEIGHT_DECAY,

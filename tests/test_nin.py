@@ -166,6 +166,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_device_is_picked_or_refused_by_name():
+    assert nin.pick_device(None).type in ("cuda", "mps", "cpu")
+    assert nin.pick_device("cpu") == torch.device("cpu")
+    for name, message in [("gpu", "not a device name"), ("meta", "not a device name"),
+                          ("cuda:99", "no such CUDA GPU here")]:
+        with pytest.raises(nin.CLIError, match=message):
+            nin.pick_device(name)
+
+
 def test_repo_paths_do_not_depend_on_the_working_folder():
     assert nin.ROOT == ROOT and nin.WEIGHTS_PATH.parent == ROOT and nin.DATA_DIR == ROOT / "data"
 

@@ -263,7 +263,8 @@ def test_half_swapped_split_is_refused(tmp_path, split_data_dir):
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "-1"), ("--batch-size", "0"), ("--image-size", "32"),
                                         ("--lr", "0"), ("--min-crop-scale", "1.5"), ("--head-width", "-1"),
-                                        ("--mixup", "-0.2"), ("--ema", "1"), ("--start-size", "32")])
+                                        ("--mixup", "-0.2"), ("--ema", "1"), ("--start-size", "32"),
+                                        ("--device", "cuda:99")])
 def test_nonsense_flags_are_refused(tmp_path, flag, value):
     assert_clean_error(run("train.py", flag, value, cwd=tmp_path, check=False), flag)
 
