@@ -477,7 +477,7 @@ def start_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_arg)
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
+    use_cuda = pick_device(device_arg).type == "cuda"  # the device type; its index is the LOCAL_RANK
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
