@@ -455,10 +455,10 @@ def save_curves(history: list[dict], path: Path) -> None:
         size_ax.step(epochs, sizes, where="mid", color="tab:purple")
         size_ax.set_ylabel("training size (px)", color="tab:purple")
         lr_ax.set_title("learning rate and training size")
-        for before, h in itertools.pairwise(history):
-            if h["size"] != before["size"]:
+        for (_, before), (epoch, size) in itertools.pairwise(zip(epochs, sizes, strict=True)):
+            if size != before:
                 for ax in (loss_ax, acc_ax):
-                    ax.axvline(h["epoch"] - 0.5, color="grey", linewidth=0.8, alpha=0.5)
+                    ax.axvline(epoch - 0.5, color="grey", linewidth=0.8, alpha=0.5)
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -474,10 +474,11 @@ def save_curves(history: list[dict], path: Path) -> None:
 def start_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
     process group: NCCL with one GPU per process, gloo on the CPU."""
+    requested = pick_device(device_arg)
     if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_arg)
+        return 0, 1, requested
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = pick_device(device_arg).type == "cuda"  # the device type; its index is the LOCAL_RANK
+    use_cuda = requested.type == "cuda"  # under torchrun only its type counts: the GPU is the LOCAL_RANK's
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
