@@ -436,6 +436,7 @@ def save_curves(history: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only: never needs or waits for a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -461,6 +462,7 @@ def save_curves(history: list[dict], path: Path) -> None:
                     ax.axvline(epoch - 0.5, color="grey", linewidth=0.8, alpha=0.5)
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.5" ticks on short runs
         ax.grid(alpha=0.3)
     loss_ax.legend()
     acc_ax.legend()
