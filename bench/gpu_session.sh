@@ -45,7 +45,7 @@ T0=$SECONDS
 capped 150 python3 train.py --data-dir "$DATA" --out-dir $SOLO --weights $SOLO/NiN.pth --class-idx $SOLO/class_idx.json \
   > $SOLO.log 2>&1
 echo "exit $?, wall $((SECONDS - T0)) s"
-tail -n 12 $SOLO.log
+tr '\r' '\n' < $SOLO.log | grep -v 'batch/s' | tail -n 12  # the log's last lines, without progress bars
 python3 -c "
 import csv, statistics, sys
 h = list(csv.DictReader(open(sys.argv[1])))
