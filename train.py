@@ -479,6 +479,8 @@ def start_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     requested = pick_device(device_arg)
     if "RANK" not in os.environ:
         return 0, 1, requested
+    if requested.type == "mps":  # gloo would quietly train on the CPU instead
+        raise CLIError("torchrun trains on CUDA GPUs or the CPU, not on Apple's MPS: pass --device cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = requested.type == "cuda"  # under torchrun only its type counts: the GPU is the LOCAL_RANK's
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")

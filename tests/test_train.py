@@ -277,6 +277,16 @@ def test_help_documents_every_flag(tmp_path):
         assert flag in out
 
 
+def test_torchrun_refuses_mps_instead_of_training_on_the_cpu(monkeypatch):
+    import train
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train, "pick_device", lambda name: torch.device("mps"))  # as on a Mac
+    with pytest.raises(nin.CLIError, match="pass --device cpu"):
+        train.start_distributed(None)
+    assert not torch.distributed.is_initialized()
+
+
 def torchrun_two_processes(*flags, cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              ROOT / "train.py", *map(str, flags)], cwd=cwd, capture_output=True, text=True,
