@@ -21,9 +21,8 @@ left() { echo $((BUDGET - (SECONDS - START))); }
 phase() { echo; echo "=== $1 (t=$((SECONDS - START)) s)"; }
 capped() { local cap=$1; shift; local t; t=$(left); ((t > cap)) && t=$cap; ((t > 5)) && timeout "$t" "$@"; }
 
-# The CPU route's steps on CPU-2 (bench/RESULTS.md section 3, 3 seeds each, 28-29 min a run): without its last
-# two flags 86.58 +- 0.19 %, with label smoothing 0.2 87.01 +- 0.65 %, with weight decay 1e-3 too (the route)
-# 88.20 +- 0.18 %; then changes around it, to see how far the float32 GPU runs track CPU-2's.
+# The CPU route (ls2wd10), the steps that led to it and changes around it, as measured on CPU-2 in
+# bench/RESULTS.md section 3: to see how far float32 GPU runs track CPU-2's and whether a change beats it.
 ROUTE="--image-size 112 --start-size 80 --epochs 42 --batch-size 32 --head-width 512 --mixup 0 --cutmix 0 --amp off"
 CONFIGS=(
   r42="$ROUTE"
