@@ -4,6 +4,11 @@ With no --source, uses data/flower_photos, downloading and verifying the TensorF
 first if it is not there. A photo's side (train or val) is a pure function of its bytes and --seed: the split
 is the same on every machine, identical photos never straddle train and val, and adding photos never moves
 the ones already there.
+
+Each photo's bytes and --seed give it a number in [0, 1). --val-ratio R puts the photos below R into val/
+(R = 0: every photo trains, for final weights once a recipe is settled). --folds K --fold I puts those in
+[I/K, (I+1)/K) into val/ instead: the K folds of cross-validation (bench/cv.py). The default split, R = 0.1,
+is fold 0 of 10.
 """
 
 from __future__ import annotations
@@ -140,17 +145,32 @@ def val_fraction(content_sha256: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign(files: Iterable[Path], val_ratio: float, seed: int, workers: int) -> dict[Path, str | None]:
-    """'train', 'val', or None (not an image) for each file."""
-    def side(path: Path) -> str | None:
-        if not is_readable_image(path):
-            return None
-        return "val" if val_fraction(sha256_of(path), seed) < val_ratio else "train"
+def val_fractions(files: Iterable[Path], seed: int, workers: int) -> dict[Path, float | None]:
+    """val_fraction of each file, or None for a file that is not a readable image."""
+    def fraction(path: Path) -> float | None:
+        return val_fraction(sha256_of(path), seed) if is_readable_image(path) else None
 
     files = list(files)
     with ThreadPoolExecutor(workers) as pool:
-        sides = list(tqdm(pool.map(side, files), total=len(files), desc="hash and check", unit="img"))
-    return dict(zip(files, sides, strict=True))
+        fractions = list(tqdm(pool.map(fraction, files), total=len(files), desc="hash and check", unit="img"))
+    return dict(zip(files, fractions, strict=True))
+
+
+def fold_of(fraction: float, folds: int) -> int:
+    """The fold whose interval [I/K, (I+1)/K) holds the fraction."""
+    return min(int(fraction * folds), folds - 1)
+
+
+def sides_for(fractions: dict[Path, float | None], val_ratio: float | None = None,
+              folds: int | None = None, fold: int | None = None) -> dict[Path, str | None]:
+    """'train', 'val', or None (not an image) for each file: val below val_ratio, or val in the given fold."""
+    def side(fraction: float | None) -> str | None:
+        if fraction is None:
+            return None
+        in_val = fraction < val_ratio if folds is None else fold_of(fraction, folds) == fold
+        return "val" if in_val else "train"
+
+    return {f: side(fraction) for f, fraction in fractions.items()}
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -201,10 +221,20 @@ def split_table(classes: dict[str, list[Path]], sides: dict[Path, str | None]) -
     return "\n".join(lines)
 
 
+def check_readable(classes: dict[str, list[Path]], fractions: dict[Path, float | None]) -> None:
+    """Warn about each file that is not an image; refuse a class folder without any."""
+    for f, fraction in fractions.items():
+        if fraction is None:
+            warn(f"skipped {f}: not a readable image")
+    empty = [name for name, files in classes.items() if all(fractions[f] is None for f in files)]
+    if empty:
+        raise CLIError(f"no readable images in class folder(s): {', '.join(empty)}")
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=None,
                    help=f"folder of per-class image folders (default: {DEFAULT_SOURCE}, downloaded if missing)")
@@ -212,15 +242,30 @@ def parse_args() -> argparse.Namespace:
                    help="a local copy of flower_photos.tgz to extract instead of downloading")
     p.add_argument("--out", type=Path, default=DATA_DIR,
                    help="where train/ and val/ are written (default: %(default)s)")
-    p.add_argument("--val-ratio", type=float, default=VAL_RATIO,
-                   help="share of each class that goes to val/ (default: %(default)s)")
+    p.add_argument("--val-ratio", type=float, default=None,
+                   help=f"share of each class that goes to val/; 0: none, every photo trains (default: {VAL_RATIO})")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="cross-validation: cut the photos into K folds by their hash number (with --fold)")
+    p.add_argument("--fold", type=int, default=None, metavar="I",
+                   help="cross-validation: fold I (0 .. K-1) goes to val/, the other folds to train/")
     p.add_argument("--seed", type=int, default=SEED,
                    help="changes which photos go to val/ (default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="threads that hash and check the photos (default: %(default)s)")
-    args = p.parse_args()
-    if not 0 < args.val_ratio < 1:
-        p.error("--val-ratio must be between 0 and 1")
+    args = p.parse_args(argv)
+    if (args.folds is None) != (args.fold is None):
+        p.error("--folds K and --fold I go together")
+    if args.folds is not None:
+        if args.val_ratio is not None:
+            p.error("give --val-ratio or --folds/--fold, not both")
+        if args.folds < 2:
+            p.error("--folds must be at least 2")
+        if not 0 <= args.fold < args.folds:
+            p.error(f"--fold must be between 0 and {args.folds - 1} (--folds {args.folds})")
+    elif args.val_ratio is None:
+        args.val_ratio = VAL_RATIO
+    elif not 0 <= args.val_ratio < 1:
+        p.error("--val-ratio must be at least 0 and below 1")
     if args.workers < 1:
         p.error("--workers must be at least 1")
     if args.source is not None and args.archive is not None:
@@ -234,16 +279,13 @@ def main() -> None:
     if args.source is None and not source.is_dir():
         fetch_flower_photos(source, args.archive)
     classes = list_classes(source)
-    sides = assign((f for files in classes.values() for f in files), args.val_ratio, args.seed, args.workers)
-    for f, s in sides.items():
-        if s is None:
-            warn(f"skipped {f}: not a readable image")
-    empty = [name for name, files in classes.items() if not any(sides[f] for f in files)]
-    if empty:
-        raise CLIError(f"no readable images in class folder(s): {', '.join(empty)}")
+    fractions = val_fractions((f for files in classes.values() for f in files), args.seed, args.workers)
+    check_readable(classes, fractions)
+    sides = sides_for(fractions, args.val_ratio, args.folds, args.fold)
     write_split(classes, sides, args.out)
     print(split_table(classes, sides))
-    print(f"wrote {args.out / 'train'} and {args.out / 'val'}")
+    print(f"wrote {args.out / 'train'} and {args.out / 'val'}"
+          + (" (val/ is empty: every photo trains)" if args.val_ratio == 0 else ""))
 
 
 if __name__ == "__main__":

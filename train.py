@@ -3,9 +3,11 @@
 Each photo is decoded once per run into an in-memory uint8 cache (kept on the training device, and saved
 under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip) is done per
 batch on that device. --no-cache streams from disk through DataLoader workers instead, for datasets that do
-not fit in memory. Writes the best-val weights (NiN.pth), the class map (class_idx.json), and under --out-dir
-a metrics CSV (rewritten whole from the checkpoint's history, so a resumed run never lists an epoch twice),
-training curves, the best epoch's confusion matrix and a resumable checkpoint.
+not fit in memory. Writes the best-val weights (NiN.pth; --keep last: the last epoch's), the class map
+(class_idx.json), and under --out-dir a metrics CSV (rewritten whole from the checkpoint's history, so a
+resumed run never lists an epoch twice), training curves, the best epoch's confusion matrix and a resumable
+checkpoint. With a val/ that holds no photos (`split_data.py --val-ratio 0`) every labelled photo trains and
+NiN.pth holds the last epoch's weights.
 
 Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains with DistributedDataParallel.
 """
@@ -29,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms.v2 import CutMix, MixUp, RandomChoice
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
@@ -84,7 +87,7 @@ WORKERS = min(8, os.cpu_count() or 1)
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
 # What a checkpoint written before these flags existed was trained with (not today's defaults).
-BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0}
+BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best"}
 # Writing the checkpoint (32 MB) and NiN.pth takes 0.15-0.3 s, half a GPU epoch: after an epoch they are
 # saved only if this long has passed since the last save (every epoch on a CPU), and after the last epoch.
 SAVE_SECONDS = 10
@@ -94,7 +97,7 @@ FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this oft
 # --------------------------------------------------------------------------------------------- arguments
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
@@ -141,12 +144,15 @@ def parse_args() -> argparse.Namespace:
                    help="threads decoding the cache, or DataLoader processes with --no-cache")
     p.add_argument("--no-cache", action="store_true",
                    help="stream photos from disk every epoch instead of decoding them once into memory")
-    p.add_argument("--weights", type=Path, default=WEIGHTS_PATH, help="where the best-val weights go")
+    p.add_argument("--weights", type=Path, default=WEIGHTS_PATH, help="where the trained weights go")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="which epoch's weights --weights holds: the best on val, or the last (always the last "
+                        "when val/ holds no photos)")
     p.add_argument("--class-idx", type=Path, default=CLASS_IDX_PATH, help="where the class map goes")
     p.add_argument("--out-dir", type=Path, default=RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out-dir/checkpoint.pth, with its own settings")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     checks = [(args.epochs >= 1, "--epochs must be at least 1"),
               (args.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two images)"),
               (args.lr > 0, "--lr must be positive"),
@@ -182,8 +188,15 @@ def find_images(split_dir: Path) -> ImageFolder:
         raise CLIError(f"{split_dir}: {error}") from None
 
 
-def check_same_split(train: ImageFolder, val: ImageFolder, train_dir: Path, val_dir: Path) -> None:
-    if train.classes != val.classes:
+def find_val_images(val_dir: Path) -> ImageFolder | None:
+    """find_images for val/, or None when it holds no photos at all (split_data.py --val-ratio 0)."""
+    if val_dir.is_dir() and not any(has_file_allowed_extension(f.name, IMG_EXTENSIONS) for f in val_dir.rglob("*")):
+        return None
+    return find_images(val_dir)
+
+
+def check_same_split(train: ImageFolder, val: ImageFolder | None, train_dir: Path, val_dir: Path) -> None:
+    if val is not None and train.classes != val.classes:
         raise CLIError(f"{train_dir} and {val_dir} have different classes: "
                        f"{train.classes} vs {val.classes}")
     ids = [d / SPLIT_ID_FILE for d in (train_dir, val_dir)]
@@ -427,8 +440,22 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def best_row(history: list[dict]) -> dict:
-    """The first epoch with the highest val accuracy: the one whose weights are in NiN.pth."""
+    """The first epoch with the highest val accuracy: the one whose weights are in NiN.pth (unless --keep last)."""
     return max(history, key=lambda h: h["val_acc"])
+
+
+def summary(history: list[dict], best_cm: torch.Tensor | None, classes: list[str], keep_last: bool,
+            weights: Path) -> str:
+    """The end-of-run report: the best epoch's scores, and the last epoch's accuracy beside the best one (the
+    best was chosen on these same photos, so it reads high), naming the epoch whose weights were saved."""
+    last = history[-1]
+    if best_cm is None:
+        return f"\nno validation photos: {weights.name} holds the last epoch's weights (epoch {last['epoch']})"
+    best = best_row(history)
+    held = f"the last epoch's (epoch {last['epoch']})" if keep_last else f"the best epoch's (epoch {best['epoch']})"
+    return (f"\nbest epoch on val:\n{classification_report(best_cm, classes)}\n"
+            f"val accuracy: last epoch {last['val_acc']:.4f}, best epoch {best['val_acc']:.4f} (epoch {best['epoch']}; "
+            f"chosen on these photos, so it reads high); {weights.name} holds {held} weights")
 
 
 def save_curves(history: list[dict], path: Path) -> None:
@@ -440,12 +467,17 @@ def save_curves(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
-    for split, style in (("train", "-"), ("val", "-o")):
+    validated = history[-1]["val_acc"] != ""
+    for split, style in (("train", "-"), ("val", "-o"))[:1 + validated]:
         loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, markersize=3, label=split)
         acc_ax.plot(epochs, [h[f"{split}_acc"] for h in history], style, markersize=3, label=split)
-    best = best_row(history)
-    acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
-    acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']})")
+    if validated:
+        best = best_row(history)
+        acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
+        acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']}; "
+                         f"last {history[-1]['val_acc']:.1%})")
+    else:
+        acc_ax.set_title("accuracy (no validation photos)")
     loss_ax.set_title("loss (train: augmented, mixed, smoothed labels)")
     lr_ax.plot(epochs, [float(h["lr"]) for h in history], "-", color="tab:green")
     lr_ax.set_title("learning rate (start of epoch)")
@@ -530,11 +562,15 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and args.amp == "fp16")
 
     train_dir, val_dir = args.data_dir / "train", args.data_dir / "val"
-    train_set, val_set = find_images(train_dir), find_images(val_dir)
+    train_set, val_set = find_images(train_dir), find_val_images(val_dir)
     check_same_split(train_set, val_set, train_dir, val_dir)
     classes = train_set.classes
-    say(f"{len(train_set)} training and {len(val_set)} validation images, {len(classes)} classes; "
+    keep_last = args.keep == "last" or val_set is None
+    say(f"{len(train_set)} training and {len(val_set or [])} validation images, {len(classes)} classes; "
         f"device {device}" + (f", {world} processes x batch {batch_size}" if world > 1 else ""))
+    if val_set is None:
+        say(f"{val_dir} holds no photos: every labelled photo trains, there is nothing to validate on, and "
+            f"{args.weights.name} will hold the last epoch's weights")
 
     def decode(samples, to_tensor, desc):
         if args.no_cache:
@@ -548,8 +584,9 @@ def main() -> None:
             barrier()
         return result
 
-    val_images, val_labels = decode(val_set.samples, eval_tensor, "val")
-    val_images, val_labels = val_images.to(device), val_labels.to(device)
+    if val_set is not None:
+        val_images, val_labels = decode(val_set.samples, eval_tensor, "val")
+        val_images, val_labels = val_images.to(device), val_labels.to(device)
     if args.no_cache:
         streamed = StreamedImages(train_set.samples, train_tensor, args.image_size)
         sampler = DistributedSampler(streamed, world, rank, shuffle=True, seed=args.seed, drop_last=True)
@@ -609,21 +646,27 @@ def main() -> None:
             size = training_size(epoch, args.epochs, args.start_size, args.image_size)
             train_loss, train_acc = train_one_epoch(model, optimizer, scaler, scheduler, epoch_batches(epoch), steps,
                                                     args, device, epoch, size, autocast, main_process, mixer, ema)
-            val_loss, val_cm = evaluate(validated, val_images, val_labels, len(classes), batch_size * 2, device,
-                                        autocast, rank, world)
-            val_acc = val_cm.diag().sum().item() / val_cm.sum().item()
+            val_loss = val_acc = None
+            if val_set is not None:
+                val_loss, val_cm = evaluate(validated, val_images, val_labels, len(classes), batch_size * 2, device,
+                                            autocast, rank, world)
+                val_acc = val_cm.diag().sum().item() / val_cm.sum().item()
             seconds = time.perf_counter() - start
             history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
-                            "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4), "lr": f"{lr:.3g}",
+                            "val_loss": "" if val_loss is None else round(val_loss, 4),
+                            "val_acc": "" if val_acc is None else round(val_acc, 4), "lr": f"{lr:.3g}",
                             "size": size, "seconds": round(seconds, 1)})
-            best = best_cm is None or val_acc > best_acc  # the same in every process: val_cm is summed
+            # The same in every process: val_cm is summed.
+            best = val_acc is not None and (best_cm is None or val_acc > best_acc)
             if best:
                 best_acc, best_cm = val_acc, val_cm
             if main_process:
-                if best:  # a copy on the device, written at the next save
+                if best and not keep_last:  # a copy on the device, written at the next save
                     unsaved_best = copy.deepcopy(trained if ema is None else ema.module)
                 if epoch == args.epochs or time.monotonic() - saved_at >= SAVE_SECONDS:
-                    if unsaved_best is not None:
+                    if keep_last:  # the weights of the epoch the checkpoint holds
+                        save_weights(trained if ema is None else ema.module, classes, args.image_size, args.weights)
+                    elif unsaved_best is not None:
                         save_weights(unsaved_best, classes, args.image_size, args.weights)
                         unsaved_best = None
                     save_torch({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
@@ -635,13 +678,15 @@ def main() -> None:
                     saved_epoch, saved_at = epoch, time.monotonic()
                     if epoch == args.epochs or saved_at - drawn_at > FIGURE_SECONDS:
                         save_curves(history, args.out_dir / "curves.png")
-                        save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
-                                              f"val, best epoch {best_row(history)['epoch']}: {best_acc:.1%}")
+                        if best_cm is not None:
+                            save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
+                                                  f"val, best epoch {best_row(history)['epoch']}: {best_acc:.1%}")
                         drawn_at = time.monotonic()
                     save_csv(history, args.out_dir / "metrics.csv")  # last: a complete row means a saved epoch
+                val_text = ("no val" if val_acc is None else
+                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}")
                 tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                           f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}  lr {lr:.3g}  "
-                           f"{size} px  {seconds:.1f}s")
+                           f"{val_text}  lr {lr:.3g}  {size} px  {seconds:.1f}s")
     except KeyboardInterrupt:
         if saved_epoch == 0:
             raise CLIError("interrupted during the first epoch: nothing to resume yet") from None
@@ -650,10 +695,9 @@ def main() -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if best_cm is not None:
-        say(f"\nbest epoch on val:\n{classification_report(best_cm, classes)}")
-    say(f"best val accuracy {best_acc:.4f}; weights in {args.weights}, classes in {args.class_idx}; "
-        f"curves and confusion matrix in {args.out_dir}")
+    say(summary(history, best_cm, classes, keep_last, args.weights))
+    say(f"weights in {args.weights}, classes in {args.class_idx}; curves"
+        f"{'' if best_cm is None else ' and confusion matrix'} in {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def test_interrupted_split_leaves_the_old_one_untouched(source, tmp_path, monkey
 
     monkeypatch.setattr(split_data, "link_or_copy", interrupted_copy)
     classes = split_data.list_classes(source)
-    assignment = split_data.assign([f for fs in classes.values() for f in fs], 0.5, 0, workers=1)
+    fractions = split_data.val_fractions([f for fs in classes.values() for f in fs], seed=0, workers=1)
+    assignment = split_data.sides_for(fractions, val_ratio=0.5)
     with pytest.raises(KeyboardInterrupt):
         split_data.write_split(classes, assignment, data)
     assert sides(data) == before

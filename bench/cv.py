@@ -1,0 +1,300 @@
+"""K-fold cross-validation of a train.py recipe: every photo is scored once, by a model that never saw it.
+
+    python bench/cv.py --folds 5 -- --epochs 42 --image-size 112     # train.py flags after the --
+
+The photos of --source are cut into K folds by the number their bytes give them (split_data.py --folds K
+--fold I). For each fold, train.py trains on the other folds with --keep last, and the last epoch's weights
+score the fold's photos through nin.eval_tensor, exactly as predict.py would. Pooled over the folds, that is
+an accuracy on all the photos (a 95 % interval half as wide as one 10 % val split's), with no epoch, seed or
+recipe chosen on the photos it is measured on. The best epoch of each fold is reported too, labelled
+optimistic: it was chosen on the photos it is scored on.
+
+Writes into --out (and prints cv.md):
+  cv.md, folds.csv          per fold: photos, best- and last-epoch val accuracy, wall time; the pooled figures
+  oof_predictions.csv       every photo: its fold, its folder's label, its out-of-fold probabilities
+  suspect_labels.csv/.png   the photos whose prediction most confidently disagrees with their folder, with the
+                            class map of the predicted class: where to look first for mislabelled photos
+Run again with the same settings, it reuses the finished folds and resumes a cut one (--resume). Folds run one
+after another; --parallel N runs N at a time, which pays on a GPU (one small NiN run leaves it mostly idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import predict
+import split_data
+import train
+from nin import (
+    ROOT,
+    RUNS_DIR,
+    CLIError,
+    atomic_write,
+    confusion_matrix,
+    decode_images,
+    eval_tensor,
+    load_torch,
+    load_weights,
+    pick_device,
+    run_cli,
+    save_csv,
+    save_figure,
+    save_json,
+    warn,
+)
+
+FOLDS = 5
+SUSPECTS = 24  # photos in the suspect-label gallery and CSV
+# train.py flags that cv.py sets for each fold itself.
+MANAGED_FLAGS = ("--data-dir", "--out-dir", "--weights", "--class-idx", "--keep", "--resume")
+Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """cv.py's own flags, and the train.py flags after `--` (checked by train.py's own parser)."""
+    own, train_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [options] [-- train.py flags]")
+    p.add_argument("--folds", type=int, default=FOLDS, help="number of folds K (default: %(default)s)")
+    p.add_argument("--source", type=Path, default=None,
+                   help=f"folder of per-class image folders (default: {split_data.DEFAULT_SOURCE}, "
+                        f"downloaded if missing)")
+    p.add_argument("--out", type=Path, default=RUNS_DIR / "cv", help="where the folds and tables go "
+                                                                       "(default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=1, help="folds trained at a time (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=split_data.SEED,
+                   help="split_data.py's --seed: changes which photos share a fold (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="threads that hash and decode the photos (default: %(default)s)")
+    args = p.parse_args(own)
+    if args.folds < 2:
+        p.error("--folds must be at least 2")
+    if args.parallel < 1 or args.workers < 1:
+        p.error("--parallel and --workers must be at least 1")
+    managed = [flag for flag in train_flags if flag.split("=")[0] in MANAGED_FLAGS]
+    if managed:
+        p.error(f"cv.py sets {', '.join(managed)} for each fold itself: leave it out of the train.py flags")
+    train.parse_args(train_flags)  # a bad train.py flag is reported now, not after the first split
+    return args, train_flags
+
+
+# --------------------------------------------------------------------------------------------- one fold
+
+
+def fold_dir(out: Path, fold: int) -> Path:
+    return out / f"fold-{fold}"
+
+
+def train_fold(folder: Path, flags: list[str], threads: int | None) -> tuple[bool, float]:
+    """train.py on folder/data (resumed if a checkpoint is there); whether it succeeded, and its wall time."""
+    resume = ["--resume"] if (folder / "run" / "checkpoint.pth").is_file() else []
+    command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(folder / "data"),
+               "--out-dir", str(folder / "run"), "--weights", str(folder / "NiN.pth"),
+               "--class-idx", str(folder / "class_idx.json"), "--keep", "last", *resume, *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    start = time.perf_counter()
+    with open(folder / "log.txt", "a") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return code == 0, time.perf_counter() - start
+
+
+@torch.no_grad()
+def score(weights: Path, samples: list[tuple[Path, str]], workers: int, device: torch.device,
+          ) -> tuple[list[str], torch.Tensor]:
+    """The class names of the weights and their probabilities [N, C] for each (path, label) sample."""
+    model, classes, image_size = load_weights(weights, device)
+    images = decode_images([path for path, _ in samples], eval_tensor, image_size, workers, "score", progress=False)
+    if any(image is None for image in images):
+        raise CLIError("a photo of the split could not be read again")
+    probs = [predict.classify(model, torch.stack(images[i:i + 64]).to(device))[0].cpu()
+             for i in range(0, len(images), 64)]
+    return classes, torch.cat(probs)
+
+
+def finish_fold(folder: Path, fold: int, source: Path, seconds: float, workers: int, device: torch.device) -> dict:
+    """Score the fold's val photos with its last-epoch weights; write predictions.csv and result.json."""
+    val = folder / "data" / "val"
+    samples = sorted((f, f.parent.name) for f in val.glob("*/*") if f.is_file() and not f.name.startswith("."))
+    classes, probs = score(folder / "NiN.pth", samples, workers, device)
+    rows = [{"photo": f"{label}/{path.name}", "fold": fold, "label": label,
+             **{f"p_{c}": f"{p:.6g}" for c, p in zip(classes, row.tolist(), strict=True)},
+             "predicted": classes[int(row.argmax())]} for (path, label), row in zip(samples, probs, strict=True)]
+    history = list(csv.DictReader(open(folder / "run" / "metrics.csv", newline="")))
+    best = max(history, key=lambda h: float(h["val_acc"]))
+    checkpoint = load_torch(folder / "run" / "checkpoint.pth", "checkpoint")
+    result = {"fold": fold, "photos": len(rows), "classes": classes,
+              "last_correct": sum(r["predicted"] == r["label"] for r in rows),
+              "last_acc_in_training": float(history[-1]["val_acc"]), "epochs": len(history),
+              "best_acc": float(best["val_acc"]), "best_epoch": int(best["epoch"]),
+              "best_confusion": checkpoint["best_confusion"].tolist(), "train_seconds": round(seconds, 1)}
+    save_csv(rows, folder / "predictions.csv")
+    save_json(result, folder / "result.json")  # last: its presence means the fold is done
+    shutil.rmtree(folder / "data", ignore_errors=True)  # the split and its decoding cache: made again if needed
+    return result
+
+
+def run_fold(fold: int, args: argparse.Namespace, flags: list[str], classes: dict[str, list[Path]],
+             fractions: dict[Path, float | None], threads: int | None, device: torch.device) -> dict | None:
+    """Split, train and score one fold (or read it if done); None if its training failed."""
+    folder = fold_dir(args.out, fold)
+    if (folder / "result.json").is_file():
+        return json.loads((folder / "result.json").read_text())
+    split_data.write_split(classes, split_data.sides_for(fractions, folds=args.folds, fold=fold), folder / "data")
+    print(f"fold {fold}: training (log: {folder / 'log.txt'})", flush=True)
+    seconds_file = folder / "train_seconds.txt"  # wall time of the earlier, interrupted runs of this fold
+    earlier = float(seconds_file.read_text()) if seconds_file.is_file() else 0.0
+    ok, seconds = train_fold(folder, flags, threads)
+    seconds_file.write_text(f"{earlier + seconds:.1f}\n")
+    if not ok:
+        warn(f"fold {fold}: train.py failed, see {folder / 'log.txt'}; run again to resume it")
+        return None
+    result = finish_fold(folder, fold, args.source, earlier + seconds, args.workers, device)
+    print(f"fold {fold}: last epoch {result['last_correct'] / result['photos']:.2%}, best epoch "
+          f"{result['best_acc']:.2%} (epoch {result['best_epoch']}), {result['train_seconds'] / 60:.1f} min",
+          flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- pooling
+
+
+def wilson(correct: int, total: int) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if total == 0:
+        return 0.0, 1.0
+    p, z2 = correct / total, Z95**2
+    centre = (p + z2 / (2 * total)) / (1 + z2 / total)
+    half = Z95 * math.sqrt(p * (1 - p) / total + z2 / (4 * total**2)) / (1 + z2 / total)
+    return centre - half, centre + half
+
+
+def accuracy_text(correct: int, total: int) -> str:
+    low, high = wilson(correct, total)
+    return f"{correct / total:.2%} ({correct:,}/{total:,}; 95 % interval {low:.1%}-{high:.1%})"
+
+
+def recall_text(cm: torch.Tensor, classes: list[str]) -> str:
+    return ", ".join(f"{c} {cm[i, i] / max(int(cm[i].sum()), 1):.1%} ({int(cm[i, i])}/{int(cm[i].sum())})"
+                     for i, c in enumerate(classes))
+
+
+def report(results: list[dict], folds: int, rows: list[dict], command: str) -> str:
+    """cv.md: the per-fold table and the pooled figures."""
+    classes = results[0]["classes"]
+    index = {c: i for i, c in enumerate(classes)}
+    last_cm = confusion_matrix(torch.tensor([index[r["label"]] for r in rows]),
+                               torch.tensor([index[r["predicted"]] for r in rows]), len(classes))
+    best_cm = sum(torch.tensor(r["best_confusion"]) for r in results)
+    correct, total = int(last_cm.diag().sum()), len(rows)
+    lines = [f"# Cross-validation, {folds} folds" + ("" if len(results) == folds else
+                                                     f" ({len(results)} finished: the figures pool those)"), "",
+             f"`{command}`", "",
+             "| fold | val photos | last epoch | best epoch (epoch) | epochs | train.py wall time |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['fold']} | {r['photos']} | {r['last_correct'] / r['photos']:.2%} | {r['best_acc']:.2%} "
+              f"({r['best_epoch']}) | {r['epochs']} | {r['train_seconds'] / 60:.1f} min |" for r in results]
+    lines += ["", f"**Pooled out-of-fold accuracy, last epoch: {accuracy_text(correct, total)}**", "",
+              f"Per-class recall, last epoch: {recall_text(last_cm, classes)}.", "",
+              f"Best epoch of each fold, pooled: {accuracy_text(int(best_cm.diag().sum()), int(best_cm.sum()))}; "
+              f"optimistic, as each fold's best epoch was chosen on the photos it is scored on. "
+              f"Per-class recall: {recall_text(best_cm, classes)}."]
+    return "\n".join(lines) + "\n"
+
+
+def suspects(rows: list[dict]) -> list[dict]:
+    """The photos whose out-of-fold prediction disagrees with their folder, most confident first."""
+    wrong = [r for r in rows if r["predicted"] != r["label"]]
+    wrong.sort(key=lambda r: -float(r[f"p_{r['predicted']}"]))
+    return [{"photo": r["photo"], "folder": r["label"], "predicted": r["predicted"],
+             "probability": round(float(r[f"p_{r['predicted']}"]), 4), "fold": r["fold"]} for r in wrong[:SUSPECTS]]
+
+
+def suspect_gallery(chosen: list[dict], out: Path, source: Path, workers: int, device: torch.device) -> None:
+    """The suspects as thumbnails with their predicted class's map, each scored again by its own fold's model."""
+    results = []
+    for fold in sorted({s["fold"] for s in chosen}):
+        model, classes, image_size = load_weights(fold_dir(out, fold) / "NiN.pth", device)
+        mine = [s for s in chosen if s["fold"] == fold]
+        paths = [source / s["photo"] for s in mine]
+        images = decode_images(paths, eval_tensor, image_size, workers, "suspects", progress=False)
+        probs, maps = predict.classify(model, torch.stack(images).to(device))
+        results += [{"path": path, "image": image, "probs": p.cpu(), "map": m.float().cpu(), "suspect": s}
+                    for path, image, p, m, s in zip(paths, images, probs, maps, mine, strict=True)]
+    results.sort(key=lambda r: chosen.index(r["suspect"]))
+    titles = [f"{r['suspect']['photo']}\nfolder {r['suspect']['folder']}, model says\n"
+              f"{r['suspect']['predicted']} {r['suspect']['probability']:.0%}" for r in results]
+    save_figure(predict.grid_figure(results, classes, heatmap=True, titles=titles), out / "suspect_labels.png")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """The folds of one --out must come from one recipe: refuse to mix in another."""
+    path = out / "cv.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != settings:
+            raise CLIError(f"{out} holds a cross-validation with other settings ({before}): "
+                           f"use another --out, or delete it to start again")
+    else:
+        save_json(settings, path)
+
+
+def main() -> None:
+    args, flags = parse_args(sys.argv[1:])
+    source = args.source or split_data.DEFAULT_SOURCE
+    if args.source is None and not source.is_dir():
+        split_data.fetch_flower_photos(source, None)
+    args.source = source
+    check_settings(args.out, {"folds": args.folds, "split_seed": args.split_seed,
+                              "source": str(source.resolve()), "train_flags": flags})
+    classes = split_data.list_classes(source)
+    fractions = split_data.val_fractions([f for files in classes.values() for f in files], args.split_seed,
+                                         args.workers)
+    split_data.check_readable(classes, fractions)
+    device = pick_device(None)
+    threads = max((os.cpu_count() or 1) // args.parallel, 1) if args.parallel > 1 else None
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(lambda fold: run_fold(fold, args, flags, classes, fractions, threads, device),
+                                range(args.folds)))
+    done = [r for r in results if r is not None]
+    if not done:
+        raise CLIError("no fold finished")
+    rows = sorted((row for r in done for row in csv.DictReader(open(fold_dir(args.out, r["fold"]) / "predictions.csv",
+                                                                    newline=""))), key=lambda row: row["photo"])
+    save_csv(rows, args.out / "oof_predictions.csv")
+    command = shlex.join(["python", "bench/cv.py", *sys.argv[1:]])
+    table = report(done, args.folds, rows, command)
+    atomic_write(args.out / "cv.md", lambda f: f.write(table), mode="w")
+    save_csv([{k: v for k, v in r.items() if k not in ("classes", "best_confusion")} for r in done],
+             args.out / "folds.csv")
+    chosen = suspects(rows)
+    if chosen:
+        save_csv(chosen, args.out / "suspect_labels.csv")
+        suspect_gallery(chosen, args.out, source, args.workers, device)
+    print(table)
+    print(f"wrote {args.out}: cv.md, folds.csv, oof_predictions.csv" +
+          (", suspect_labels.csv and .png" if chosen else ""))
+    if len(done) < args.folds:
+        raise CLIError(f"{args.folds - len(done)} fold(s) failed: run the same command again to resume them")
+
+
+if __name__ == "__main__":
+    run_cli(main)
