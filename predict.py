@@ -189,9 +189,12 @@ def overlay(ax, result: dict, heatmap: bool, label: int) -> None:
     image = result["image"]
     ax.imshow(image.permute(1, 2, 0).numpy())
     if heatmap:
-        cam = F.interpolate(result["map"][label][None, None], size=image.shape[1:], mode="bilinear",
-                            align_corners=False)[0, 0]
-        ax.imshow(cam.numpy(), cmap="jet", alpha=0.45)
+        low_res = result["map"][label]
+        cam = F.interpolate(low_res[None, None], size=image.shape[1:], mode="bilinear", align_corners=False)[0, 0]
+        # The colour scale of the map itself: a flat map (a small image) stays flat instead of its rounding noise
+        # being stretched over the whole scale.
+        low = float(low_res.min())
+        ax.imshow(cam.numpy(), cmap="jet", alpha=0.45, vmin=low, vmax=max(float(low_res.max()), low + 1e-3))
     ax.axis("off")
 
 

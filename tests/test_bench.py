@@ -1,10 +1,14 @@
-"""bench/: the sweep driver (the throughput benchmark prints timings only, so it is run by hand)."""
+"""bench/: the sweep driver and cross-validation (the throughput benchmark prints timings only, so it is run by
+hand)."""
 
 from __future__ import annotations
 
 import csv
+import json
 
-from conftest import TRAIN_FLAGS, assert_clean_error, run
+import pytest
+import torch
+from conftest import COLOURS, TRAIN_FLAGS, assert_clean_error, make_dataset, run
 
 
 def test_sweep_tabulates_each_config_over_seeds_and_reuses_finished_runs(split_data_dir, tmp_path):
@@ -29,3 +33,63 @@ def test_sweep_tabulates_each_config_over_seeds_and_reuses_finished_runs(split_d
 
 def test_sweep_refuses_a_config_without_a_name(tmp_path):
     assert_clean_error(run("bench/sweep.py", "--epochs 3", cwd=tmp_path, check=False), "NAME=FLAGS")
+
+
+def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
+    source = make_dataset(tmp_path / "source", per_class=12)
+    args = ["--folds", "2", "--source", source, "--out", tmp_path / "cv", "--", *TRAIN_FLAGS, "--epochs", "1"]
+    first = run("bench/cv.py", *args, cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "cv" / "oof_predictions.csv", newline="")))
+    assert sorted(r["photo"] for r in rows) == sorted(f"{c}/{f.name}" for c in COLOURS for f in (source / c).iterdir())
+    assert {r["fold"] for r in rows} == {"0", "1"}
+    for r in rows:  # probabilities that sum to one, and the prediction is their argmax
+        probs = {c: float(r[f"p_{c}"]) for c in COLOURS}
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-4) and r["predicted"] == max(probs, key=probs.get)
+    correct = sum(r["predicted"] == r["label"] for r in rows)
+    assert f"last epoch: {correct / 36:.2%} ({correct}/36; 95 % interval" in first.stdout
+    assert (tmp_path / "cv" / "cv.md").read_text() in first.stdout
+    folds = list(csv.DictReader(open(tmp_path / "cv" / "folds.csv", newline="")))
+    assert [int(f["photos"]) for f in folds] == [sum(r["fold"] == str(i) for r in rows) for i in (0, 1)]
+    suspects = list(csv.DictReader(open(tmp_path / "cv" / "suspect_labels.csv", newline="")))
+    assert len(suspects) == min(36 - correct, 24) and all(s["folder"] != s["predicted"] for s in suspects)
+    assert [float(s["probability"]) for s in suspects] == sorted((float(s["probability"]) for s in suspects),
+                                                                 reverse=True)
+    if suspects:
+        assert (tmp_path / "cv" / "suspect_labels.png").read_bytes()[:4] == b"\x89PNG"
+    trained_at = [(tmp_path / "cv" / f"fold-{i}" / "NiN.pth").stat().st_mtime_ns for i in (0, 1)]
+    again = run("bench/cv.py", *args, cwd=tmp_path)  # finished folds are read, not trained again
+    assert "training" not in again.stdout
+    assert again.stdout.split("# Cross")[1] == first.stdout.split("# Cross")[1]
+    assert [(tmp_path / "cv" / f"fold-{i}" / "NiN.pth").stat().st_mtime_ns for i in (0, 1)] == trained_at
+
+
+def test_cross_validation_resumes_a_fold_cut_short(tmp_path):
+    source = make_dataset(tmp_path / "source", per_class=12)
+    args = ["--folds", "2", "--source", source, "--out", tmp_path / "cv", "--", *TRAIN_FLAGS, "--epochs", "2"]
+    run("bench/cv.py", *args, cwd=tmp_path)
+    fold = tmp_path / "cv" / "fold-1"
+    checkpoint = torch.load(fold / "run" / "checkpoint.pth", weights_only=True)
+    checkpoint["epoch"], checkpoint["history"] = 1, checkpoint["history"][:1]  # as if killed after epoch 1
+    torch.save(checkpoint, fold / "run" / "checkpoint.pth")
+    (fold / "result.json").unlink()
+    again = run("bench/cv.py", *args, cwd=tmp_path)
+    assert "fold 1: training" in again.stdout and "fold 0: training" not in again.stdout
+    assert "resumed" in (fold / "log.txt").read_text()
+    assert json.loads((fold / "result.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("flags,named", [(["--folds", "1"], "--folds"), (["--parallel", "0"], "--parallel"),
+                                         (["--", "--epochs", "0"], "--epochs"),
+                                         (["--", "--data-dir", "x"], "--data-dir")])
+def test_cross_validation_refuses_bad_flags(tmp_path, flags, named):
+    assert_clean_error(run("bench/cv.py", "--out", tmp_path / "cv", *flags, cwd=tmp_path, check=False), named)
+    assert not (tmp_path / "cv").exists()
+
+
+def test_cross_validation_refuses_to_mix_recipes_in_one_folder(tmp_path):
+    source = make_dataset(tmp_path / "source", per_class=4)
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "cv.json").write_text(json.dumps({"folds": 5}))
+    result = run("bench/cv.py", "--source", source, "--out", tmp_path / "cv", "--", "--epochs", "3", cwd=tmp_path,
+                 check=False)
+    assert_clean_error(result, "other settings")

@@ -127,8 +127,69 @@ def test_missing_or_empty_source_is_a_clear_error(tmp_path):
 
 
 def test_bad_flags_are_rejected(source, tmp_path):
-    for ratio in ("0", "1", "-0.2", "1.5"):
+    for ratio in ("1", "-0.2", "1.5"):
         assert_clean_error(split(source, tmp_path / "data", "--val-ratio", ratio, check=False), "--val-ratio")
+    for flags, named in [(("--folds", "3", "--fold", "3"), "--fold must be between 0 and 2"),
+                         (("--folds", "1", "--fold", "0"), "--folds must be at least 2"),
+                         (("--folds", "5", "--fold", "0", "--val-ratio", "0.2"), "not both"),
+                         (("--folds", "5"), "go together"), (("--fold", "1"), "go together")]:
+        assert_clean_error(split(source, tmp_path / "data", *flags, check=False), named)
+    assert not (tmp_path / "data").exists()
+
+
+def test_folds_partition_the_photos(source, tmp_path):
+    for i in range(3):
+        split(source, tmp_path / f"fold{i}", "--folds", "3", "--fold", str(i))
+    folds = [sides(tmp_path / f"fold{i}") for i in range(3)]
+    val = [{photo for photo, side in fold.items() if side == "val"} for fold in folds]
+    assert all(len(fold) == 90 for fold in folds)
+    assert all(val) and sum(map(len, val)) == 90 and set().union(*val) == set(folds[0])  # each photo once
+    for i, fold in enumerate(folds):
+        assert {photo for photo, side in fold.items() if side == "train"} == set(fold) - val[i]
+
+
+def test_a_photos_fold_never_changes_and_duplicates_share_it(source, tmp_path):
+    def fold_of_each(out: Path) -> dict[str, int]:
+        found = {}
+        for i in range(4):
+            split(source, out, "--folds", "4", "--fold", str(i))
+            found.update({photo: i for photo, side in sides(out).items() if side == "val"})
+        return found
+
+    before = fold_of_each(tmp_path / "a")
+    make_dataset(source, per_class=10, start=30)
+    for i in range(10):
+        (source / "green" / f"dup{i}.jpg").write_bytes((source / "red" / f"{i:03d}.jpg").read_bytes())
+    after = fold_of_each(tmp_path / "b")
+    assert len(after) == 130 and {k: after[k] for k in before} == before
+    assert all(after[f"green/dup{i}.jpg"] == after[f"red/{i:03d}.jpg"] for i in range(10))
+
+
+def test_the_default_split_is_fold_0_of_10(tmp_path):
+    source = make_dataset(tmp_path / "source", per_class=60)
+    split(source, tmp_path / "default")
+    split(source, tmp_path / "fold", "--folds", "10", "--fold", "0")
+    assert sides(tmp_path / "default") == sides(tmp_path / "fold")
+    assert 0 < list(sides(tmp_path / "default").values()).count("val") < 60
+
+
+def test_the_default_split_of_flower_photos_is_unchanged():
+    """The split that every figure before cross-validation was measured on: 2,995 train and 308 val."""
+    source = nin.ROOT.parent / "shared" / "data" / "flower_photos"
+    if not source.is_dir():
+        pytest.skip("no copy of flower_photos in ../shared/data")
+    classes = split_data.list_classes(source)
+    fractions = split_data.val_fractions([f for fs in classes.values() for f in fs], seed=0, workers=2)
+    default = split_data.sides_for(fractions, val_ratio=split_data.VAL_RATIO)
+    assert list(default.values()).count("val") == 308 and list(default.values()).count("train") == 2995
+    assert split_data.sides_for(fractions, folds=10, fold=0) == default
+
+
+def test_val_ratio_0_puts_every_photo_in_train(source, tmp_path):
+    out = split(source, tmp_path / "data", "--val-ratio", "0").stdout
+    assert set(sides(tmp_path / "data").values()) == {"train"} and len(sides(tmp_path / "data")) == 90
+    assert sorted(p.name for p in (tmp_path / "data" / "val").iterdir() if p.is_dir()) == sorted(COLOURS)
+    assert "every photo trains" in out
 
 
 def test_wrong_archive_is_refused_and_nothing_extracted(tmp_path):

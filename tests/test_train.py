@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN_FLAGS, assert_clean_error, draw, run
+from conftest import ROOT, TRAIN_FLAGS, assert_clean_error, draw, make_dataset, run
 
 import nin
 
@@ -35,7 +35,10 @@ def test_training_learns_and_writes_every_output(trained):
     checkpoint = torch.load(trained["run"] / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 6 and checkpoint["best_acc"] == best and checkpoint["classes"] == classes
     assert {"model", "optimizer", "scheduler", "history", "args"} <= checkpoint.keys()
-    assert f"best val accuracy {best:.4f}" in trained["stdout"]
+    best_epoch = next(r["epoch"] for r in rows if float(r["val_acc"]) == best)
+    last = float(rows[-1]["val_acc"])
+    assert f"val accuracy: last epoch {last:.4f}, best epoch {best:.4f} (epoch {best_epoch};" in trained["stdout"]
+    assert f"NiN.pth holds the best epoch's (epoch {best_epoch}) weights" in trained["stdout"]
     lines = trained["stdout"].splitlines()
     assert any(line.startswith("accuracy ") and line.endswith(f"= {best:.4f}") for line in lines)
     for name in ("blue", "green", "red"):  # the per-class table of the best epoch
@@ -47,6 +50,45 @@ def test_training_learns_and_writes_every_output(trained):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def same_weights(weights: Path, state: dict[str, torch.Tensor]) -> bool:
+    """Whether NiN.pth (stored as float16) holds these weights."""
+    model, _, _ = nin.load_weights(weights)
+    saved = model.state_dict()
+    return all(torch.allclose(saved[k].float(), v.float(), rtol=1e-3, atol=1e-3) for k, v in state.items())
+
+
+def test_keep_last_saves_the_last_epoch_weights(split_data_dir, tmp_path):
+    run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--epochs", "3", "--keep", "last",
+        "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json", "--out-dir", tmp_path / "run",
+        cwd=tmp_path)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 3
+    assert same_weights(tmp_path / "NiN.pth", checkpoint["model"])
+    first_epoch = {k: torch.zeros_like(v) for k, v in checkpoint["model"].items() if k.endswith("running_mean")}
+    assert not same_weights(tmp_path / "NiN.pth", first_epoch)  # the comparison can fail
+
+
+def test_training_on_every_photo_without_val(tmp_path):
+    make_dataset(tmp_path / "source", per_class=12)
+    run("split_data.py", "--source", tmp_path / "source", "--out", tmp_path / "data", "--val-ratio", "0", cwd=tmp_path)
+    assert not [f for f in (tmp_path / "data" / "val").rglob("*.jpg")]
+    assert len(list((tmp_path / "data" / "train").rglob("*.jpg"))) == 36
+    result = run("train.py", "--data-dir", tmp_path / "data", *TRAIN_FLAGS, "--epochs", "2",
+                 "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json",
+                 "--out-dir", tmp_path / "run", cwd=tmp_path)
+    assert "36 training and 0 validation images" in result.stdout
+    assert "nothing to validate on" in result.stdout
+    assert "no validation photos: NiN.pth holds the last epoch's weights (epoch 2)" in result.stdout
+    assert [r["val_acc"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["", ""]
+    assert (tmp_path / "run" / "curves.png").is_file() and not (tmp_path / "run" / "confusion.png").exists()
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert same_weights(tmp_path / "NiN.pth", checkpoint["model"])
+    photo = tmp_path / "source" / "red" / "000.jpg"
+    predicted = run("predict.py", photo, "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json",
+                    "--save", tmp_path / "p.png", cwd=tmp_path)
+    assert predicted.stdout.startswith(f"{photo}: ")
+
+
 def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data_dir, tmp_path, sig):
     """Stop a run after its first saved epoch: every output still loads, and --resume ends the run with
     each epoch exactly once."""
@@ -273,7 +315,7 @@ def test_help_documents_every_flag(tmp_path):
     out = run("train.py", "--help", cwd=tmp_path).stdout
     for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--optimizer", "--schedule",
                  "--image-size", "--start-size", "--head-width", "--mixup", "--cutmix", "--ema", "--workers", "--seed",
-                 "--weights", "--class-idx", "--out-dir", "--resume"):
+                 "--weights", "--keep", "--class-idx", "--out-dir", "--resume"):
         assert flag in out
 
 
