@@ -1,13 +1,14 @@
 """Train NiN from scratch on data/train, validating on data/val.
 
+Read main() first: it is the recipe, and each step it takes is a function or a small class below it.
+
 Each photo is decoded once per run into an in-memory uint8 cache (kept on the training device, and saved
-under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip) is done per
-batch on that device. --no-cache streams from disk through DataLoader workers instead, for datasets that do
-not fit in memory. Writes the best-val weights (NiN.pth; --keep last: the last epoch's), the class map
-(class_idx.json), and under --out-dir a metrics CSV (rewritten whole from the checkpoint's history, so a
-resumed run never lists an epoch twice), training curves, the best epoch's confusion matrix and a resumable
-checkpoint. With a val/ that holds no photos (`split_data.py --val-ratio 0`) every labelled photo trains and
-NiN.pth holds the last epoch's weights.
+under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip, then mixup or
+CutMix) is done per batch on that device. --no-cache streams from disk through DataLoader workers instead, for
+datasets that do not fit in memory. Writes the weights of the best epoch on val (NiN.pth; --keep last: the
+last epoch's), the class map (class_idx.json), and under --out-dir a metrics CSV, training curves, the best
+epoch's confusion matrix and a checkpoint that --resume continues from. With a val/ that holds no photos
+(`split_data.py --val-ratio 0`) every labelled photo trains and NiN.pth holds the last epoch's weights.
 
 Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains with DistributedDataParallel.
 """
@@ -15,12 +16,16 @@ Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import itertools
 import math
 import os
+import shlex
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,37 +41,9 @@ from torchvision.transforms.v2 import CutMix, MixUp, RandomChoice
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from nin import (
-    CLASS_IDX_PATH,
-    DATA_DIR,
-    HEAD_WIDTH,
-    IMAGE_SIZE,
-    MIN_IMAGE_SIZE,
-    RUNS_DIR,
-    SPLIT_ID_FILE,
-    WEIGHTS_PATH,
-    CLIError,
-    NiN,
-    classification_report,
-    confusion_matrix,
-    decode_images,
-    eval_tensor,
-    load_image,
-    load_torch,
-    normalize,
-    pick_device,
-    resize_size,
-    run_cli,
-    save_class_names,
-    save_confusion_matrix,
-    save_csv,
-    save_figure,
-    save_torch,
-    save_weights,
-    warn,
-)
+import nin
 
-# Defaults: every one is a flag below.
+# The defaults of the flags of the same names.
 EPOCHS = 120
 BATCH_SIZE = 64
 LR = 0.05
@@ -77,21 +54,60 @@ STEP_EPOCHS = 30
 LABEL_SMOOTHING = 0.1
 MIN_CROP_SCALE = 0.25
 START_SIZE = 112  # progressive resizing from this side up to --image-size (0: off)
-SIZE_STEP = 16  # progressive resizing grows the training images by this many pixels a stage
 DROPOUT = 0.0
 MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
 CUTMIX = 1.0
 EMA_DECAY = 0.0  # 0 turns the weight average off
 SEED = 0
 WORKERS = min(8, os.cpu_count() or 1)
+
+# Fixed choices, not flags.
+SIZE_STEP = 16  # progressive resizing grows the training images by this many pixels a stage
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
 # What a checkpoint written before these flags existed was trained with (not today's defaults).
 BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best"}
-# Writing the checkpoint (32 MB) and NiN.pth takes 0.15-0.3 s, half a GPU epoch: after an epoch they are
-# saved only if this long has passed since the last save (every epoch on a CPU), and after the last epoch.
+# Writing the checkpoint and NiN.pth takes a sizeable share of a GPU epoch, so after an epoch they are saved
+# only when this long has passed since the last save, and after the last epoch; a CPU epoch is longer than
+# this, so there every epoch is saved.
 SAVE_SECONDS = 10
-FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing costs ~0.5 s)
+FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing is slow)
+
+
+# --------------------------------------------------------------------------------------------- the recipe
+
+
+def main() -> None:
+    args, checkpoint = resume(parse_args())
+    run = start_run(args.device, args.amp)
+    torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
+    data = load_data(args.data_dir, args.image_size, per_process_batch(args, run), args.workers, args.no_cache,
+                     args.seed, run)
+    learner = Learner(nin.NiN(len(data.classes), dropout=None if args.faithful else args.dropout,
+                              faithful=args.faithful, head_width=args.head_width or None), args, data.steps, run)
+    progress = Progress()
+    if checkpoint is not None:
+        learner.load_state_dict(checkpoint)
+        progress = Progress.from_checkpoint(checkpoint, args)
+        run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch} "
+                f"(best val acc {progress.best_acc:.4f})")
+    saver = Saver(args, data.classes, keep_last=args.keep == "last" or data.val is None,
+                  saved_epoch=progress.epoch, run=run)
+    with resume_hint_on_ctrl_c(saver, args.out_dir):
+        for epoch in range(progress.epoch + 1, args.epochs + 1):
+            start = time.perf_counter()
+            lr = learner.lr
+            size = training_size(epoch, args.epochs, args.start_size, args.image_size)
+            train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
+                                                    desc=f"epoch {epoch}/{args.epochs} ({size} px)")
+            val_loss, val_cm = evaluate(learner.final, *data.val, len(data.classes), run) if data.val else (None, None)
+            improved = progress.record(epoch, train_loss, train_acc, val_loss, val_cm, lr, size,
+                                       time.perf_counter() - start)
+            saver.after_epoch(learner, progress, improved, last=epoch == args.epochs)
+            run.say(progress.line(args.epochs, improved), write=tqdm.write)
+    run.say(summary(progress, data.classes, saver.keep_last, args.weights))
+    run.say(f"weights in {args.weights}, classes in {args.class_idx}; curves"
+            f"{'' if progress.best_cm is None else ' and confusion matrix'} in {args.out_dir}")
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -99,7 +115,7 @@ FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this oft
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding train/ and val/")
+    p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
@@ -114,12 +130,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="cross-entropy smoothing")
     p.add_argument("--min-crop-scale", type=float, default=MIN_CROP_SCALE,
                    help="smallest area share of a random-resized crop")
-    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="training and evaluation input side")
+    p.add_argument("--image-size", type=int, default=nin.IMAGE_SIZE, help="training and evaluation input side")
     p.add_argument("--start-size", type=int, default=START_SIZE,
                    help=f"progressive resizing: train the first epochs at this side, growing by {SIZE_STEP} px "
                         "in equal stages up to --image-size for the last (0, or a side not below --image-size: off)")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="dropout between mlpconv blocks")
-    p.add_argument("--head-width", type=int, default=HEAD_WIDTH,
+    p.add_argument("--head-width", type=int, default=nin.HEAD_WIDTH,
                    help="width of the last mlpconv block's 3x3 and first 1x1 conv (0: num_classes, the usual "
                         "layout; the paper's ImageNet NiN used 1024)")
     p.add_argument("--mixup", type=float, default=MIXUP, help="mixup alpha (0: off)")
@@ -144,12 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="threads decoding the cache, or DataLoader processes with --no-cache")
     p.add_argument("--no-cache", action="store_true",
                    help="stream photos from disk every epoch instead of decoding them once into memory")
-    p.add_argument("--weights", type=Path, default=WEIGHTS_PATH, help="where the trained weights go")
+    p.add_argument("--weights", type=Path, default=nin.WEIGHTS_PATH, help="where the trained weights go")
     p.add_argument("--keep", choices=("best", "last"), default="best",
                    help="which epoch's weights --weights holds: the best on val, or the last (always the last "
                         "when val/ holds no photos)")
-    p.add_argument("--class-idx", type=Path, default=CLASS_IDX_PATH, help="where the class map goes")
-    p.add_argument("--out-dir", type=Path, default=RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
+    p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH, help="where the class map goes")
+    p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out-dir/checkpoint.pth, with its own settings")
     args = p.parse_args(argv)
@@ -159,9 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (args.weight_decay >= 0, "--weight-decay must not be negative"),
               (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
               (0 < args.min_crop_scale <= 1, "--min-crop-scale must be in (0, 1]"),
-              (args.image_size >= MIN_IMAGE_SIZE, f"--image-size must be at least {MIN_IMAGE_SIZE}"),
-              (args.start_size == 0 or args.start_size >= MIN_IMAGE_SIZE,
-               f"--start-size must be 0 (off) or at least {MIN_IMAGE_SIZE}"),
+              (args.image_size >= nin.MIN_IMAGE_SIZE, f"--image-size must be at least {nin.MIN_IMAGE_SIZE}"),
+              (args.start_size == 0 or args.start_size >= nin.MIN_IMAGE_SIZE,
+               f"--start-size must be 0 (off) or at least {nin.MIN_IMAGE_SIZE}"),
               (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
               (args.head_width >= 0, "--head-width must not be negative"),
               (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must not be negative"),
@@ -175,17 +191,133 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+    """With --resume: the run's own settings from its checkpoint (only --device and --workers are taken from
+    this command line), and the checkpoint itself. Without: the arguments as they are, and None."""
+    if not args.resume:
+        return args, None
+    checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")
+    here = {"device": args.device, "workers": args.workers}
+    resumed = argparse.Namespace(**{**vars(args), **BEFORE_FLAG_EXISTED, **checkpoint["args"], **here})
+    for name in ("data_dir", "weights", "class_idx", "out_dir"):
+        setattr(resumed, name, Path(getattr(resumed, name)))
+    return resumed, checkpoint
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+@dataclass
+class Run:
+    """Where this process trains: its device, its place among torchrun's processes, and mixed precision."""
+
+    device: torch.device
+    rank: int
+    world: int
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler  # only acts for --amp fp16 (float16 gradients underflow without it)
+
+    @property
+    def main(self) -> bool:
+        """The process that prints and writes files (the only one without torchrun)."""
+        return self.rank == 0
+
+    def say(self, text: str, write=print) -> None:
+        if self.main:
+            write(text)
+
+
+def start_run(device_name: str | None, amp: str) -> Run:
+    """The device (--device, or the best one here); under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK)
+    this joins the process group: NCCL with one GPU per process, gloo on the CPU."""
+    device, rank, world = nin.pick_device(device_name), 0, 1
+    if "RANK" in os.environ:
+        if device.type == "mps":  # gloo would quietly train on the CPU instead
+            raise nin.CLIError("torchrun trains on CUDA GPUs or the CPU, not on Apple's MPS: pass --device cpu")
+        use_cuda = device.type == "cuda"  # under torchrun only its type counts: the GPU is the LOCAL_RANK's
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        # A crashed process must not leave the others waiting forever in a collective.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=DIST_TIMEOUT_MINUTES))
+        rank, world = dist.get_rank(), dist.get_world_size()
+    # A handful of input shapes per run: cuDNN times its algorithms once per shape and keeps the fastest.
+    torch.backends.cudnn.benchmark = True
+    use_amp = amp != "off" and device.type in ("cuda", "mps")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp == "fp16")
+    return Run(device, rank, world, autocast, scaler)
+
+
+def per_process_batch(args: argparse.Namespace, run: Run) -> int:
+    batch_size = args.batch_size if args.per_process_batch else args.batch_size // run.world
+    if batch_size < 2:
+        raise nin.CLIError(f"--batch-size {args.batch_size} leaves fewer than 2 images per process")
+    return batch_size
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 # --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    """What main() trains and validates on: the class names, the training batches, and the val photos
+    (uint8 images and labels on the device, or None when val/ holds no photos)."""
+
+    classes: list[str]
+    training: CachedTraining | StreamedTraining
+    val: tuple[torch.Tensor, torch.Tensor] | None
+
+    @property
+    def steps(self) -> int:
+        return self.training.steps
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return self.training.batches(epoch)
+
+
+def load_data(data_dir: Path, image_size: int, batch_size: int, workers: int, stream: bool, seed: int,
+              run: Run) -> Data:
+    train_dir, val_dir = data_dir / "train", data_dir / "val"
+    train_set, val_set = find_images(train_dir), find_val_images(val_dir)
+    check_same_split(train_set, val_set, train_dir, val_dir)
+    processes = f", {run.world} processes x batch {batch_size}" if run.world > 1 else ""
+    run.say(f"{len(train_set)} training and {len(val_set or [])} validation images, {len(train_set.classes)} "
+            f"classes; device {run.device}{processes}")
+    cache_dir = None if stream else data_dir / CACHE_FOLDER
+    val = None
+    if val_set is None:
+        run.say(f"{val_dir} holds no photos: every labelled photo trains and there is nothing to validate on")
+    else:
+        images, labels = decode_once(val_set.samples, nin.eval_tensor, image_size, workers, "val", cache_dir, run)
+        val = images.to(run.device), labels.to(run.device)
+    if stream:
+        training = StreamedTraining(train_set.samples, image_size, batch_size, workers, seed, run)
+    else:
+        images, labels = decode_once(train_set.samples, train_tensor, image_size, workers, "train", cache_dir, run)
+        training = CachedTraining(images.to(run.device), labels.to(run.device), batch_size, seed, run)
+    return Data(train_set.classes, training, val)
 
 
 def find_images(split_dir: Path) -> ImageFolder:
     """ImageFolder's listing of split_dir, with its errors turned into advice."""
     if not split_dir.is_dir():
-        raise CLIError(f"{split_dir} not found: run `python split_data.py` first")
+        raise nin.CLIError(f"{split_dir} not found: run `python split_data.py` first")
     try:
         return ImageFolder(split_dir)
     except OSError as error:  # no class folders, an empty class, a folder we may not read
-        raise CLIError(f"{split_dir}: {error}") from None
+        raise nin.CLIError(f"{split_dir}: {error}") from None
 
 
 def find_val_images(val_dir: Path) -> ImageFolder | None:
@@ -197,12 +329,11 @@ def find_val_images(val_dir: Path) -> ImageFolder | None:
 
 def check_same_split(train: ImageFolder, val: ImageFolder | None, train_dir: Path, val_dir: Path) -> None:
     if val is not None and train.classes != val.classes:
-        raise CLIError(f"{train_dir} and {val_dir} have different classes: "
-                       f"{train.classes} vs {val.classes}")
-    ids = [d / SPLIT_ID_FILE for d in (train_dir, val_dir)]
+        raise nin.CLIError(f"{train_dir} and {val_dir} have different classes: {train.classes} vs {val.classes}")
+    ids = [d / nin.SPLIT_ID_FILE for d in (train_dir, val_dir)]
     if all(p.exists() for p in ids) and ids[0].read_text() != ids[1].read_text():
-        raise CLIError(f"{train_dir} and {val_dir} come from different runs of split_data.py "
-                       f"(it was interrupted?): run it again")
+        raise nin.CLIError(f"{train_dir} and {val_dir} come from different runs of split_data.py "
+                           f"(it was interrupted?): run it again")
 
 
 def train_tensor(path: str, image_size: int) -> torch.Tensor:
@@ -210,18 +341,32 @@ def train_tensor(path: str, image_size: int) -> torch.Tensor:
 
     The random crops are cut from this square per batch, on the training device.
     """
-    side = resize_size(image_size)
-    img = load_image(path, side)
+    side = nin.resize_size(image_size)
+    img = nin.load_image(path, side)
     return TF.pil_to_tensor(TF.center_crop(TF.resize(img, side), side))
+
+
+def decode_once(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int, desc: str,
+                cache_dir: Path | None, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_all, through the disk cache in cache_dir (None: no cache). Under torchrun the first process
+    decodes and writes the cache; the others then read it."""
+    if cache_dir is None:
+        return decode_all(samples, to_tensor, image_size, workers, desc)
+    if not run.main:
+        barrier()
+    result = cached_decode(samples, to_tensor, image_size, workers, desc, cache_dir)
+    if run.main:
+        barrier()
+    return result
 
 
 def decode_all(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int,
                desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every photo once, skipping unreadable ones with a warning: uint8 images and their labels."""
-    images = decode_images([path for path, _ in samples], to_tensor, image_size, workers, desc)
+    images = nin.decode_images([path for path, _ in samples], to_tensor, image_size, workers, desc)
     keep = [i for i, img in enumerate(images) if img is not None]
     if not keep:
-        raise CLIError(f"no readable images for {desc}")
+        raise nin.CLIError(f"no readable images for {desc}")
     return (torch.stack([images[i] for i in keep]),
             torch.tensor([samples[i][1] for i in keep], dtype=torch.long))
 
@@ -236,29 +381,93 @@ def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, wo
     cache_file = cache_dir / f"{desc}-{image_size}px-{key.hexdigest()[:16]}.pt"
     if cache_file.is_file():
         try:
-            cached = load_torch(cache_file, "cache")
+            cached = nin.load_torch(cache_file, "cache")
             return cached["images"], cached["labels"]
-        except (CLIError, KeyError):
-            warn(f"ignored a damaged cache file {cache_file}")
+        except (nin.CLIError, KeyError):
+            nin.warn(f"ignored a damaged cache file {cache_file}")
     images, labels = decode_all(samples, to_tensor, image_size, workers, desc)
     for stale in cache_dir.glob(f"{desc}-{image_size}px-*.pt"):
         stale.unlink(missing_ok=True)
-    save_torch({"images": images, "labels": labels}, cache_file)
+    nin.save_torch({"images": images, "labels": labels}, cache_file)
     return images, labels
+
+
+class CachedTraining:
+    """The training photos decoded once, on the device: each epoch a fresh shuffle of them, in batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, run: Run) -> None:
+        self.images, self.labels, self.batch_size, self.seed, self.run = images, labels, batch_size, seed, run
+        self.steps = max(len(labels) // (batch_size * run.world), 1)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(len(self.labels), self.seed, epoch)
+        return batches(self.images, self.labels, self.batch_size, order, self.run.rank, self.run.world)
 
 
 class StreamedImages(Dataset):
     """--no-cache: the same uint8 tensors as the cache, decoded on the fly in DataLoader workers."""
 
-    def __init__(self, samples: list[tuple[str, int]], to_tensor, image_size: int) -> None:
-        self.samples, self.to_tensor, self.image_size = samples, to_tensor, image_size
+    def __init__(self, samples: list[tuple[str, int]], image_size: int) -> None:
+        self.samples, self.image_size = samples, image_size
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        return self.to_tensor(path, self.image_size), label
+        return train_tensor(path, self.image_size), label
+
+
+class StreamedTraining:
+    """--no-cache: the training photos decoded anew every epoch by DataLoader workers."""
+
+    def __init__(self, samples: list[tuple[str, int]], image_size: int, batch_size: int, workers: int, seed: int,
+                 run: Run) -> None:
+        streamed = StreamedImages(samples, image_size)
+        self.sampler = DistributedSampler(streamed, run.world, run.rank, shuffle=True, seed=seed, drop_last=True)
+        self.loader = DataLoader(streamed, batch_size, sampler=self.sampler,
+                                 drop_last=len(samples) >= batch_size * run.world, num_workers=workers,
+                                 pin_memory=run.device.type == "cuda", persistent_workers=workers > 0)
+        self.steps = len(self.loader)
+
+    def batches(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        return self.loader
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, order: torch.Tensor | None = None,
+            rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of in-memory tensors, in `order` (a permutation) or in sequence.
+
+    With a shuffling order the incomplete last batch is dropped (batch norm dislikes tiny batches). Under
+    torchrun each of the `world` processes takes every world-th image of the same global order, so the
+    processes see disjoint shards of the epoch and the same number of steps.
+    """
+    n = len(labels)
+    if order is None:
+        order = torch.arange(n)
+        stop = n
+    else:
+        stop = max(n // (batch_size * world), 1) * batch_size * world
+    mine = order[:stop][rank::world].to(images.device)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        yield images[idx], labels[idx]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of one epoch: the same in every process, and again after --resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def training_size(epoch: int, epochs: int, start_size: int, image_size: int) -> int:
+    """The side of an epoch's training crops. Progressive resizing cuts the run into equal stages whose sizes
+    grow from start_size to image_size by SIZE_STEP: the early epochs, which learn coarse shapes, cost a
+    fraction of a full-size one, and the last stage trains at the size that validation and predict.py use,
+    so the weights and batch-norm statistics end up tuned to it. A run of fewer epochs than stages skips the
+    smallest sizes, so that it too ends at image_size."""
+    sizes = [*range(start_size or image_size, image_size, SIZE_STEP), image_size][-epochs:]
+    return sizes[(epoch - 1) * len(sizes) // epochs]
 
 
 def random_resized_crop_flip(images: torch.Tensor, size: int, min_scale: float) -> torch.Tensor:
@@ -283,52 +492,90 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, min_scale: float) 
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, order: torch.Tensor | None = None,
-            rank: int = 0, world: int = 1):
-    """Batches of in-memory tensors, in `order` (a permutation) or in sequence.
-
-    With a shuffling order the incomplete last batch is dropped (batch norm dislikes tiny batches). Under
-    torchrun each of the `world` processes takes every world-th image of the same global order, so the
-    processes see disjoint shards of the epoch and the same number of steps.
-    """
-    n = len(labels)
-    if order is None:
-        order = torch.arange(n)
-        stop = n
-    else:
-        stop = max(n // (batch_size * world), 1) * batch_size * world
-    mine = order[:stop][rank::world].to(images.device)
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start:start + batch_size]
-        yield images[idx], labels[idx]
+def augment(images: torch.Tensor, labels: torch.Tensor, size: int, min_crop_scale: float,
+            mixer: RandomChoice | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of cached uint8 images to the network's training input (cropped to size x size, flipped,
+    normalised, maybe mixed) and its targets: the labels, or class probabilities when mixed."""
+    x = nin.normalize(random_resized_crop_flip(images, size, min_crop_scale))
+    if mixer is not None:
+        x, labels = mixer(x, labels)
+    return x.contiguous(memory_format=torch.channels_last), labels
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffle of one epoch: the same in every process, and again after --resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+# --------------------------------------------------------------------------------------------- the learner
 
 
-# --------------------------------------------------------------------------------------------- training
+class Learner:
+    """The network and everything that changes it: optimizer, learning-rate schedule, batch mixing, weight
+    average. `final` is the network that is validated and saved (the weight average, if there is one)."""
+
+    def __init__(self, model: nin.NiN, args: argparse.Namespace, steps_per_epoch: int, run: Run) -> None:
+        self.model = model.to(run.device, memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.model, args.optimizer, args.lr, args.momentum, args.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, args.schedule, args.epochs, steps_per_epoch,
+                                        args.warmup_epochs, args.step_epochs)
+        self.mixer = make_mixer(args.mixup, args.cutmix, model.num_classes)
+        self.ema = make_ema(self.model, args.ema) if args.ema > 0 else None
+        self.label_smoothing, self.min_crop_scale, self.run = args.label_smoothing, args.min_crop_scale, run
+        # Under torchrun the optimizer steps through a DistributedDataParallel wrapper, which averages the
+        # gradients over the processes; on one process it is the model itself.
+        self.stepped: torch.nn.Module = self.model
+        if run.world > 1:
+            if args.sync_bn:
+                self.model = self.stepped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.stepped = DistributedDataParallel(self.model, device_ids=[run.device] if run.device.type == "cuda"
+                                                   else None)
+
+    @property
+    def final(self) -> torch.nn.Module:
+        return self.model if self.ema is None else self.ema.module
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a batch of cached images, take one optimizer step on it, and move the schedule and the
+        weight average on; returns the (detached) loss and logits."""
+        x, targets = augment(images, labels, size, self.min_crop_scale, self.mixer)
+        loss, logits = optimize(self.stepped, self.optimizer, self.run.scaler, x, targets, self.label_smoothing,
+                                self.run.autocast)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss, logits
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
     # No weight decay on biases and batch-norm parameters: it only fights their scale.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
-    optimizer = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
-    return optimizer(groups, lr=args.lr, betas=(args.momentum, 0.999))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    optimizer = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return optimizer(groups, lr=lr, betas=(momentum, 0.999))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int,
+                   warmup_epochs: float, step_epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per batch."""
-    if args.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, args.step_epochs * steps_per_epoch, gamma=0.1)
-    total = args.epochs * steps_per_epoch
-    warmup = min(round(args.warmup_epochs * steps_per_epoch), total - 1)
+    if schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_epochs * steps_per_epoch, gamma=0.1)
+    total = epochs * steps_per_epoch
+    warmup = min(round(warmup_epochs * steps_per_epoch), total - 1)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total - warmup)
     if warmup == 0:
         return cosine
@@ -336,31 +583,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def make_mixer(args: argparse.Namespace, num_classes: int) -> RandomChoice | None:
+def make_mixer(mixup: float, cutmix: float, num_classes: int) -> RandomChoice | None:
     """torchvision's batch-level mixup and/or CutMix (each batch mixed with itself rolled by one), or None."""
-    mixers = ([MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
-             ([CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    mixers = ([MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
+             ([CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
     return RandomChoice(mixers) if mixers else None
-
-
-def training_size(epoch: int, epochs: int, start_size: int, image_size: int) -> int:
-    """The side of an epoch's training crops. Progressive resizing cuts the run into equal stages whose sizes
-    grow from start_size to image_size by SIZE_STEP: the early epochs, which learn coarse shapes, cost a
-    fraction of a full-size one, and the last stage trains at the size that validation and predict.py use,
-    so the weights and batch-norm statistics end up tuned to it. A run of fewer epochs than stages skips the
-    smallest sizes, so that it too ends at image_size."""
-    sizes = [*range(start_size or image_size, image_size, SIZE_STEP), image_size][-epochs:]
-    return sizes[(epoch - 1) * len(sizes) // epochs]
-
-
-def augment(images: torch.Tensor, labels: torch.Tensor, size: int, args: argparse.Namespace,
-            mixer: RandomChoice | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of cached uint8 images to the network's training input (cropped to size x size, flipped,
-    normalised, maybe mixed) and its targets: the labels, or class probabilities when mixed."""
-    x = normalize(random_resized_crop_flip(images, size, args.min_crop_scale))
-    if mixer is not None:
-        x, labels = mixer(x, labels)
-    return x.contiguous(memory_format=torch.channels_last), labels
 
 
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
@@ -376,12 +603,9 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
 
 def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
              x: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
-             autocast) -> tuple[torch.Tensor, torch.Tensor]:
+             autocast: torch.autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a ready batch (targets: labels or class probabilities); returns the (detached)
-    loss and logits.
-
-    The scaler only acts for --amp fp16 (float16 gradients underflow without it); otherwise it passes through.
-    """
+    loss and logits. The scaler only acts for --amp fp16; otherwise it passes through."""
     with autocast:
         logits = model(x)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
@@ -392,28 +616,22 @@ def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     return loss.detach(), logits.detach()
 
 
-def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, args, device, epoch: int,
-                    size: int, autocast, main_process: bool, mixer: RandomChoice | None,
-                    ema: AveragedModel | None) -> tuple[float, float]:
+def train_one_epoch(learner: Learner, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, size: int,
+                    run: Run, desc: str) -> tuple[float, float]:
     """Loss and accuracy of the epoch's (augmented) training batches, over every process (with mixing, the
     accuracy counts each image's own label, whatever share of it survived the mix)."""
-    model.train()
-    totals = torch.zeros(3, device=device)  # loss sum, correct, images
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs} ({size} px)", unit="batch", leave=False,
-               disable=not main_process)
+    learner.stepped.train()
+    totals = torch.zeros(3, device=run.device)  # loss sum, correct, images
+    bar = tqdm(batches, total=steps, desc=desc, unit="batch", leave=False, disable=not run.main)
     start = time.perf_counter()
     for step, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        x, targets = augment(images, labels, size, args, mixer)
-        loss, logits = optimize(model, optimizer, scaler, x, targets, args.label_smoothing, autocast)
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
+        images = images.to(run.device, non_blocking=True)
+        labels = labels.to(run.device, non_blocking=True)
+        loss, logits = learner.step(images, labels, size)
         # torch.full, not torch.tensor: copying a number to a GPU would wait for it, every step.
         totals += torch.stack([loss * len(labels), (logits.argmax(1) == labels).sum(),
-                               torch.full((), len(labels), device=device)])
-        if step % 10 == 0 and main_process:  # .item() waits for the GPU: not every step
+                               torch.full((), len(labels), device=run.device)])
+        if step % 10 == 0 and run.main:  # .item() waits for the GPU: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             img_s=f"{totals[2].item() / (time.perf_counter() - start):.0f}/process")
     loss_sum, correct, seen = all_reduce_sum(totals).tolist()
@@ -421,58 +639,157 @@ def train_one_epoch(model, optimizer, scaler, scheduler, loader, steps: int, arg
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int, device,
-             autocast, rank: int = 0, world: int = 1) -> tuple[float, torch.Tensor]:
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             run: Run, batch_size: int = 128) -> tuple[float, torch.Tensor]:
     """Validation loss and confusion matrix; under torchrun each process scores a shard, then they are summed."""
     model.eval()
-    loss_sum = torch.zeros(1, device=device)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    for x, y in batches(images, labels, batch_size, rank=rank, world=world):
-        x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        with autocast:
+    loss_sum = torch.zeros(1, device=run.device)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=run.device)
+    for x, y in batches(images, labels, batch_size, rank=run.rank, world=run.world):
+        x = nin.normalize(x).contiguous(memory_format=torch.channels_last)
+        with run.autocast:
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        cm += confusion_matrix(y, logits.argmax(1), num_classes)
+        cm += nin.confusion_matrix(y, logits.argmax(1), num_classes)
     all_reduce_sum(loss_sum)
     all_reduce_sum(cm)
     return loss_sum.item() / cm.sum().item(), cm.cpu()
 
 
-def best_row(history: list[dict]) -> dict:
-    """The first epoch with the highest val accuracy: the one whose weights are in NiN.pth (unless --keep last)."""
-    return max(history, key=lambda h: h["val_acc"])
+# --------------------------------------------------------------------------------------------- records
 
 
-def summary(history: list[dict], best_cm: torch.Tensor | None, classes: list[str], keep_last: bool,
-            weights: Path) -> str:
+@dataclass
+class Progress:
+    """The run so far: a row per epoch (metrics.csv), and the best epoch on val with its confusion matrix."""
+
+    history: list[dict] = field(default_factory=list)
+    best_acc: float = 0.0
+    best_cm: torch.Tensor | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.history[-1]["epoch"] if self.history else 0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, args: argparse.Namespace) -> Progress:
+        # Each epoch's training size; a checkpoint from before that column gets it from its settings.
+        history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size), **h}
+                   for h in checkpoint["history"]]
+        return cls(history, checkpoint["best_acc"], checkpoint["best_confusion"])
+
+    def record(self, epoch: int, train_loss: float, train_acc: float, val_loss: float | None,
+               val_cm: torch.Tensor | None, lr: float, size: int, seconds: float) -> bool:
+        """Add the epoch's row; whether it is the best on val so far (the same in every process: val_cm is
+        summed over them)."""
+        val_acc = None if val_cm is None else val_cm.diag().sum().item() / val_cm.sum().item()
+        self.history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
+                             "val_loss": "" if val_loss is None else round(val_loss, 4),
+                             "val_acc": "" if val_acc is None else round(val_acc, 4), "lr": f"{lr:.3g}",
+                             "size": size, "seconds": round(seconds, 1)})
+        improved = val_acc is not None and (self.best_cm is None or val_acc > self.best_acc)
+        if improved:
+            self.best_acc, self.best_cm = val_acc, val_cm
+        return improved
+
+    def line(self, epochs: int, improved: bool) -> str:
+        """The last epoch as one line of the log (* marks a new best on val)."""
+        h = self.history[-1]
+        val = ("no val" if h["val_acc"] == "" else
+               f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{' *' if improved else '  '}")
+        return (f"epoch {h['epoch']:3d}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
+                f"{val}  lr {h['lr']}  {h['size']} px  {h['seconds']:.1f}s")
+
+    def best_row(self) -> dict:
+        """The first epoch with the highest val accuracy."""
+        return max(self.history, key=lambda h: h["val_acc"])
+
+
+class Saver:
+    """Writes what a run leaves behind (NiN.pth, checkpoint.pth, metrics.csv, the figures) from the first
+    process: after the last epoch, and after any other once SAVE_SECONDS have passed since the last save."""
+
+    def __init__(self, args: argparse.Namespace, classes: list[str], keep_last: bool, saved_epoch: int,
+                 run: Run) -> None:
+        self.args, self.classes, self.keep_last, self.run = args, classes, keep_last, run
+        self.checkpoint = args.out_dir / "checkpoint.pth"
+        self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
+        self.unsaved_best: torch.nn.Module | None = None  # the best epoch's weights while they wait for a save
+        if run.main:
+            nin.save_class_names(classes, args.class_idx)
+
+    def after_epoch(self, learner: Learner, progress: Progress, improved: bool, last: bool) -> None:
+        if not self.run.main:
+            return
+        if improved and not self.keep_last:  # a copy on the device, written at the next save
+            self.unsaved_best = copy.deepcopy(learner.final)
+        if not last and time.monotonic() - self.saved_at < SAVE_SECONDS:
+            return
+        if self.keep_last:  # the weights of the epoch the checkpoint holds
+            nin.save_weights(learner.final, self.classes, self.args.image_size, self.args.weights)
+        elif self.unsaved_best is not None:
+            nin.save_weights(self.unsaved_best, self.classes, self.args.image_size, self.args.weights)
+            self.unsaved_best = None
+        nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
+                        "best_confusion": progress.best_cm, "history": progress.history, "classes": self.classes,
+                        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}},
+                       self.checkpoint)
+        self.saved_epoch, self.saved_at = progress.epoch, time.monotonic()
+        if last or self.saved_at - self.drawn_at > FIGURE_SECONDS:
+            save_curves(progress, self.args.out_dir / "curves.png")
+            if progress.best_cm is not None:
+                nin.save_confusion_matrix(progress.best_cm, self.classes, self.args.out_dir / "confusion.png",
+                                          f"val, best epoch {progress.best_row()['epoch']}: {progress.best_acc:.1%}")
+            self.drawn_at = time.monotonic()
+        nin.save_csv(progress.history, self.args.out_dir / "metrics.csv")  # last: a complete row = a saved epoch
+
+
+@contextlib.contextmanager
+def resume_hint_on_ctrl_c(saver: Saver, out_dir: Path) -> Iterator[None]:
+    """Turns Ctrl-C into a one-line message that says how to resume; leaves torchrun's process group."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if saver.saved_epoch == 0:
+            raise nin.CLIError("interrupted during the first epoch: nothing to resume yet") from None
+        command = "python train.py --resume" + ("" if out_dir == nin.RUNS_DIR else
+                                                f" --out-dir {shlex.quote(str(out_dir))}")
+        raise nin.CLIError(f"interrupted; epoch {saver.saved_epoch} is saved in {saver.checkpoint}: "
+                           f"`{command}` finishes the run") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def summary(progress: Progress, classes: list[str], keep_last: bool, weights: Path) -> str:
     """The end-of-run report: the best epoch's scores, and the last epoch's accuracy beside the best one (the
     best was chosen on these same photos, so it reads high), naming the epoch whose weights were saved."""
-    last = history[-1]
-    if best_cm is None:
+    last = progress.history[-1]
+    if progress.best_cm is None:
         return f"\nno validation photos: {weights.name} holds the last epoch's weights (epoch {last['epoch']})"
-    best = best_row(history)
+    best = progress.best_row()
     held = f"the last epoch's (epoch {last['epoch']})" if keep_last else f"the best epoch's (epoch {best['epoch']})"
-    return (f"\nbest epoch on val:\n{classification_report(best_cm, classes)}\n"
+    return (f"\nbest epoch on val:\n{nin.classification_report(progress.best_cm, classes)}\n"
             f"val accuracy: last epoch {last['val_acc']:.4f}, best epoch {best['val_acc']:.4f} (epoch {best['epoch']}; "
             f"chosen on these photos, so it reads high); {weights.name} holds {held} weights")
 
 
-def save_curves(history: list[dict], path: Path) -> None:
+def save_curves(progress: Progress, path: Path) -> None:
     """Loss, accuracy, learning rate and training size by epoch, as one PNG."""
     import matplotlib
     matplotlib.use("Agg")  # files only: never needs or waits for a display
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    history = progress.history
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
-    validated = history[-1]["val_acc"] != ""
+    validated = progress.best_cm is not None
     for split, style in (("train", "-"), ("val", "-o"))[:1 + validated]:
         loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, markersize=3, label=split)
         acc_ax.plot(epochs, [h[f"{split}_acc"] for h in history], style, markersize=3, label=split)
     if validated:
-        best = best_row(history)
+        best = progress.best_row()
         acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
         acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']}; "
                          f"last {history[-1]['val_acc']:.1%})")
@@ -499,206 +816,8 @@ def save_curves(history: list[dict], path: Path) -> None:
     loss_ax.legend()
     acc_ax.legend()
     fig.tight_layout()
-    save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------------------------- devices
-
-
-def start_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
-    process group: NCCL with one GPU per process, gloo on the CPU."""
-    requested = pick_device(device_arg)
-    if "RANK" not in os.environ:
-        return 0, 1, requested
-    if requested.type == "mps":  # gloo would quietly train on the CPU instead
-        raise CLIError("torchrun trains on CUDA GPUs or the CPU, not on Apple's MPS: pass --device cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = requested.type == "cuda"  # under torchrun only its type counts: the GPU is the LOCAL_RANK's
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    # A crashed process must not leave the others waiting forever in a collective.
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=DIST_TIMEOUT_MINUTES))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# --------------------------------------------------------------------------------------------- main
-
-
-def main() -> None:
-    args = parse_args()
-    checkpoint_path = args.out_dir / "checkpoint.pth"
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_torch(checkpoint_path, "checkpoint")
-        keep = {"device": args.device, "workers": args.workers}
-        args = argparse.Namespace(**{**vars(args), **BEFORE_FLAG_EXISTED, **checkpoint["args"], **keep})
-        for name in ("data_dir", "weights", "class_idx", "out_dir"):
-            setattr(args, name, Path(getattr(args, name)))
-    rank, world, device = start_distributed(args.device)
-    main_process = rank == 0
-    say = print if main_process else lambda *a, **k: None
-    batch_size = args.batch_size if args.per_process_batch else args.batch_size // world
-    if batch_size < 2:
-        raise CLIError(f"--batch-size {args.batch_size} leaves fewer than 2 images per process")
-    torch.manual_seed(args.seed + rank)  # each process its own augmentations
-    # A handful of input shapes per run: cuDNN times its algorithms once per shape and keeps the fastest.
-    torch.backends.cudnn.benchmark = True
-    use_amp = args.amp != "off" and device.type in ("cuda", "mps")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
-                              enabled=use_amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and args.amp == "fp16")
-
-    train_dir, val_dir = args.data_dir / "train", args.data_dir / "val"
-    train_set, val_set = find_images(train_dir), find_val_images(val_dir)
-    check_same_split(train_set, val_set, train_dir, val_dir)
-    classes = train_set.classes
-    keep_last = args.keep == "last" or val_set is None
-    say(f"{len(train_set)} training and {len(val_set or [])} validation images, {len(classes)} classes; "
-        f"device {device}" + (f", {world} processes x batch {batch_size}" if world > 1 else ""))
-    if val_set is None:
-        say(f"{val_dir} holds no photos: every labelled photo trains, there is nothing to validate on, and "
-            f"{args.weights.name} will hold the last epoch's weights")
-
-    def decode(samples, to_tensor, desc):
-        if args.no_cache:
-            return decode_all(samples, to_tensor, args.image_size, args.workers, desc)
-        # The first process decodes and writes the disk cache; the others then read it.
-        if not main_process:
-            barrier()
-        result = cached_decode(samples, to_tensor, args.image_size, args.workers, desc,
-                               args.data_dir / CACHE_FOLDER)
-        if main_process:
-            barrier()
-        return result
-
-    if val_set is not None:
-        val_images, val_labels = decode(val_set.samples, eval_tensor, "val")
-        val_images, val_labels = val_images.to(device), val_labels.to(device)
-    if args.no_cache:
-        streamed = StreamedImages(train_set.samples, train_tensor, args.image_size)
-        sampler = DistributedSampler(streamed, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-        loader = DataLoader(streamed, batch_size, sampler=sampler, drop_last=len(train_set) >= batch_size * world,
-                            num_workers=args.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=args.workers > 0)
-        steps = len(loader)
-
-        def epoch_batches(epoch: int):
-            sampler.set_epoch(epoch)
-            return loader
-    else:
-        train_images, train_labels = decode(train_set.samples, train_tensor, "train")
-        train_images, train_labels = train_images.to(device), train_labels.to(device)
-        steps = max(len(train_labels) // (batch_size * world), 1)
-
-        def epoch_batches(epoch: int):
-            order = epoch_order(len(train_labels), args.seed, epoch)
-            return batches(train_images, train_labels, batch_size, order, rank, world)
-
-    model = NiN(len(classes), dropout=None if args.faithful else args.dropout, faithful=args.faithful,
-                head_width=args.head_width or None)
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args, steps)
-    mixer = make_mixer(args, len(classes))
-    ema = make_ema(model, args.ema) if args.ema > 0 else None
-    start_epoch, best_acc, best_cm, history = 1, 0.0, None, []
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        start_epoch, best_acc = checkpoint["epoch"] + 1, checkpoint["best_acc"]
-        # Each epoch's training size; a checkpoint from before that column gets it from its settings.
-        history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size), **h}
-                   for h in checkpoint["history"]]
-        best_cm = checkpoint["best_confusion"]
-        say(f"resumed {checkpoint_path} after epoch {checkpoint['epoch']} (best val acc {best_acc:.4f})")
-    trained = model  # the plain model, without the DDP wrapper
-    if world > 1:
-        if args.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            trained = model
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    validated = model if ema is None else ema.module  # what is validated and saved as NiN.pth
-    if main_process:
-        save_class_names(classes, args.class_idx)
-
-    saved_epoch, saved_at, drawn_at = start_epoch - 1, -math.inf, -math.inf
-    unsaved_best = None  # the best epoch's weights while they wait for the next save
-    try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            size = training_size(epoch, args.epochs, args.start_size, args.image_size)
-            train_loss, train_acc = train_one_epoch(model, optimizer, scaler, scheduler, epoch_batches(epoch), steps,
-                                                    args, device, epoch, size, autocast, main_process, mixer, ema)
-            val_loss = val_acc = None
-            if val_set is not None:
-                val_loss, val_cm = evaluate(validated, val_images, val_labels, len(classes), batch_size * 2, device,
-                                            autocast, rank, world)
-                val_acc = val_cm.diag().sum().item() / val_cm.sum().item()
-            seconds = time.perf_counter() - start
-            history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
-                            "val_loss": "" if val_loss is None else round(val_loss, 4),
-                            "val_acc": "" if val_acc is None else round(val_acc, 4), "lr": f"{lr:.3g}",
-                            "size": size, "seconds": round(seconds, 1)})
-            # The same in every process: val_cm is summed.
-            best = val_acc is not None and (best_cm is None or val_acc > best_acc)
-            if best:
-                best_acc, best_cm = val_acc, val_cm
-            if main_process:
-                if best and not keep_last:  # a copy on the device, written at the next save
-                    unsaved_best = copy.deepcopy(trained if ema is None else ema.module)
-                if epoch == args.epochs or time.monotonic() - saved_at >= SAVE_SECONDS:
-                    if keep_last:  # the weights of the epoch the checkpoint holds
-                        save_weights(trained if ema is None else ema.module, classes, args.image_size, args.weights)
-                    elif unsaved_best is not None:
-                        save_weights(unsaved_best, classes, args.image_size, args.weights)
-                        unsaved_best = None
-                    save_torch({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
-                                "best_confusion": best_cm, "history": history,
-                                "ema": None if ema is None else ema.state_dict(), "classes": classes,
-                                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
-                               checkpoint_path)
-                    saved_epoch, saved_at = epoch, time.monotonic()
-                    if epoch == args.epochs or saved_at - drawn_at > FIGURE_SECONDS:
-                        save_curves(history, args.out_dir / "curves.png")
-                        if best_cm is not None:
-                            save_confusion_matrix(best_cm, classes, args.out_dir / "confusion.png",
-                                                  f"val, best epoch {best_row(history)['epoch']}: {best_acc:.1%}")
-                        drawn_at = time.monotonic()
-                    save_csv(history, args.out_dir / "metrics.csv")  # last: a complete row means a saved epoch
-                val_text = ("no val" if val_acc is None else
-                            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if best else '  '}")
-                tqdm.write(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                           f"{val_text}  lr {lr:.3g}  {size} px  {seconds:.1f}s")
-    except KeyboardInterrupt:
-        if saved_epoch == 0:
-            raise CLIError("interrupted during the first epoch: nothing to resume yet") from None
-        raise CLIError(f"interrupted; epoch {saved_epoch} is saved in {checkpoint_path}: "
-                       f"`python train.py --resume` finishes the run") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    say(summary(history, best_cm, classes, keep_last, args.weights))
-    say(f"weights in {args.weights}, classes in {args.class_idx}; curves"
-        f"{'' if best_cm is None else ' and confusion matrix'} in {args.out_dir}")
+    nin.save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    nin.run_cli(main)

@@ -26,7 +26,7 @@ from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train
-from nin import DATA_DIR, IMAGE_SIZE, MEAN, STD, NiN, pick_device, run_cli
+from nin import DATA_DIR, HEAD_WIDTH, IMAGE_SIZE, MEAN, STD, NiN, pick_device, run_cli
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,11 +70,9 @@ def main() -> None:
     device = pick_device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     train_set = train.find_images(args.data_dir / "train")
-    opts = argparse.Namespace(lr=train.LR, momentum=train.MOMENTUM, weight_decay=train.WEIGHT_DECAY,
-                              optimizer="sgd")
-    model = NiN(len(train_set.classes), head_width=train.HEAD_WIDTH or None)  # train.py's default network
+    model = NiN(len(train_set.classes), head_width=HEAD_WIDTH or None)  # train.py's default network
     model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = train.make_optimizer(model, opts)
+    optimizer = train.make_optimizer(model, "sgd", train.LR, train.MOMENTUM, train.WEIGHT_DECAY)
     bs, size = args.batch_size, args.image_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({name}), batch {bs}, {size} px, {len(train_set)} training photos")
@@ -96,11 +94,10 @@ def main() -> None:
     decode_s = time.perf_counter() - start
     images, labels = images.to(device), labels.to(device)
 
-    augment = argparse.Namespace(min_crop_scale=train.MIN_CROP_SCALE, mixup=train.MIXUP, cutmix=train.CUTMIX)
-    mixer = train.make_mixer(augment, len(train_set.classes))
+    mixer = train.make_mixer(train.MIXUP, train.CUTMIX, len(train_set.classes))
 
     def project_step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        step(*train.augment(images, labels, size, augment, mixer))
+        step(*train.augment(images, labels, size, train.MIN_CROP_SCALE, mixer))
 
     shuffled = forever(lambda: train.batches(images, labels, bs, torch.randperm(len(labels))))
     project = images_per_second(shuffled, project_step, bs, args.warmup, args.steps, device)
