@@ -1,8 +1,12 @@
-"""NiN (Network in Network, Lin, Chen & Yan 2014) and everything the scripts share.
+"""NiN (Network in Network, Lin, Chen & Yan 2014): the model, and what train.py and predict.py share.
 
 An mlpconv block is a k x k convolution followed by two 1 x 1 convolutions: a tiny MLP slid over every
 position. The last block emits one feature map per class and global average pooling turns each map into a
 logit, so the network has no fully connected layer at all.
+
+Read in this order: the model (NiN), then the contract between train.py and predict.py (how a photo becomes
+the network's input, and the formats of NiN.pth and class_idx.json), then the reports both print. The
+plumbing at the end (paths, one-line errors, safe file writes) can be skipped on a first reading.
 
 `python nin.py` prints every layer's output shape and the parameter count.
 """
@@ -27,77 +31,14 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-# Paths are anchored at this file, so the scripts work from any folder.
-ROOT = Path(__file__).resolve().parent
-DATA_DIR = ROOT / "data"
-WEIGHTS_PATH = ROOT / "NiN.pth"
-CLASS_IDX_PATH = ROOT / "class_idx.json"
-RUNS_DIR = ROOT / "runs"
-
-IMAGE_SIZE = 160
+IMAGE_SIZE = 160  # the side of the square the network sees (train.py --image-size, predict.py reads it from NiN.pth)
 # Width inside the last mlpconv block (0: num_classes, the usual narrow layout; the paper's ImageNet net: 1024).
 HEAD_WIDTH = 512
-# Evaluation resizes the short side to IMAGE_SIZE / CROP_RATIO, then centre-crops (the ImageNet habit).
-CROP_RATIO = 0.875
-# ImageNet statistics: the usual choice, and close to flower_photos' own.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-# Larger images are refused before decoding: 100 megapixels is ~300 MB of RGB. load_image checks this itself,
-# as an error; PIL's own check would only warn below twice its limit, and from any thread, so it is off.
-MAX_IMAGE_PIXELS = 100_000_000
-Image.MAX_IMAGE_PIXELS = None
-# split_data.py writes a fresh id into both train/ and val/; train.py refuses halves of different splits.
-SPLIT_ID_FILE = ".split_id"
 # The smallest input for which the three 3x3/2 poolings still leave one pixel.
 MIN_IMAGE_SIZE = 63
 
 
-class CLIError(Exception):
-    """A problem with the user's input or files: reported in one line, exit code 2, no traceback."""
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(), turning CLIError into a one-line message and exit code 2 (argparse's)."""
-    name = Path(sys.argv[0]).name
-    try:
-        main()
-    except CLIError as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except BrokenPipeError:  # output piped into `head` or the like, which stopped reading
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush fails silently
-        raise SystemExit(1) from None
-
-
-def pick_device(name: str | None) -> torch.device:
-    """--device: the named device, refused with a clear error unless it is here; None picks cuda if present,
-    else Apple's mps, else the CPU."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise CLIError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise CLIError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} found)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {name}: Apple's MPS is not available here")
-    return device
-
-
-def warn(message: str) -> None:
-    """A problem the run survives (a bad file skipped): one line on stderr, never glued to a progress bar."""
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------------------------- the model
+# --------------------------------------------------------------------------------------------------- the model
 
 
 def mlpconv(in_ch: int, width: int, kernel: int, stride: int, padding: int, batch_norm: bool,
@@ -165,7 +106,32 @@ class NiN(nn.Module):
         return self.pool(self.class_maps(x))
 
 
-# --------------------------------------------------------------------------------------------- images
+def describe(model: nn.Module, image_size: int) -> str:
+    """Each leaf layer's output shape for one image_size x image_size input, then the parameter count."""
+    lines = [f"{'layer':<40} output shape"]
+    hooks = [m.register_forward_hook(
+        lambda m, _, out, name=name: lines.append(f"{name + ' ' + type(m).__name__:<40} {tuple(out.shape)}"))
+        for name, m in model.named_modules() if not list(m.children())]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, image_size, image_size))
+    for h in hooks:
+        h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    lines.append(f"parameters: {params:,}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the contract between train.py and predict.py
+
+# Evaluation resizes the short side to IMAGE_SIZE / CROP_RATIO, then centre-crops (the ImageNet habit).
+CROP_RATIO = 0.875
+# ImageNet statistics: the usual choice, and close to flower_photos' own.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# Larger images are refused before decoding (100 megapixels is ~300 MB of RGB). load_image checks this itself,
+# as an error, so PIL's own check, which only warns below twice its limit, is turned off.
+MAX_IMAGE_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None
 
 
 class UnreadableImage(ValueError):
@@ -251,7 +217,58 @@ def decode_images(paths: list[str | os.PathLike], to_tensor: Callable[[Any, int]
         return list(tqdm(pool.map(decode, paths), total=len(paths), desc=desc, unit="img", disable=not progress))
 
 
-# --------------------------------------------------------------------------------------------- metrics
+def save_class_names(classes: list[str], path: str | os.PathLike) -> None:
+    """class_idx.json in the classic format: {"0": "daisy", "1": "dandelion", ...}."""
+    save_json({str(i): name for i, name in enumerate(classes)}, path)
+
+
+def load_class_names(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"class index not found: {path} (train.py writes it)")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"{path} is not valid JSON: {error}") from None
+    if (not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values())
+            or sorted(mapping, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(mapping))]):
+        raise CLIError(f'{path} must map "0", "1", ... to class names, like {{"0": "daisy", "1": "dandelion"}}')
+    return [mapping[str(i)] for i in range(len(mapping))]
+
+
+def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike) -> None:
+    """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model.
+
+    Floating-point tensors are stored as float16, which halves the file; load_weights puts them back into
+    the float32 model, and the predictions barely move (see tests/test_nin.py). A tensor outside float16's
+    range stays float32. train.py's checkpoint.pth keeps full precision for --resume.
+    """
+    def compact(t: torch.Tensor) -> torch.Tensor:
+        fits = t.is_floating_point() and bool(t.abs().max() <= torch.finfo(torch.float16).max)
+        return t.half() if fits else t
+
+    state = {k: compact(v.detach().cpu()) for k, v in model.state_dict().items()}
+    save_torch({"model": state, "config": model.config, "classes": classes, "image_size": image_size},
+               path)
+
+
+def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[NiN, list[str], int]:
+    """Rebuild the model saved by save_weights, on any device (GPU weights load on a CPU-only machine).
+
+    Returns the model in eval mode, its class names and the image size it was trained at.
+    """
+    saved = load_torch(path, "weights")
+    if not {"model", "config", "classes", "image_size"} <= saved.keys():
+        raise CLIError(f"{path} is not a NiN.pth written by train.py")
+    model = NiN(**saved["config"])
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as error:
+        raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0]}") from None
+    return model.to(device).eval(), list(saved["classes"]), int(saved["image_size"])
+
+
+# ----------------------------------------------------------------------------------------------------- reports
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -308,7 +325,62 @@ def save_confusion_matrix(cm: torch.Tensor, classes: list[str], path: str | os.P
     save_figure(fig, path)
 
 
-# --------------------------------------------------------------------------------------------- files
+# ---------------------------------------------------------------------------------------------------- plumbing
+
+
+# Paths are anchored at this file, so the scripts work from any folder.
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+WEIGHTS_PATH = ROOT / "NiN.pth"
+CLASS_IDX_PATH = ROOT / "class_idx.json"
+RUNS_DIR = ROOT / "runs"
+# split_data.py writes a fresh id into both train/ and val/; train.py refuses halves of different splits.
+SPLIT_ID_FILE = ".split_id"
+
+
+class CLIError(Exception):
+    """A problem with the user's input or files: reported in one line, exit code 2, no traceback."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(), turning CLIError into a one-line message and exit code 2 (argparse's)."""
+    name = Path(sys.argv[0]).name
+    try:
+        main()
+    except CLIError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # output piped into `head` or the like, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush fails silently
+        raise SystemExit(1) from None
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: the named device, refused with a clear error unless it is here; None picks cuda if present,
+    else Apple's mps, else the CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: no such CUDA GPU here ({torch.cuda.device_count()} found)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: Apple's MPS is not available here")
+    return device
+
+
+def warn(message: str) -> None:
+    """A problem the run survives (a bad file skipped): one line on stderr, never glued to a progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -374,75 +446,6 @@ def save_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     atomic_write(path, write, mode="w")
 
 
-def save_class_names(classes: list[str], path: str | os.PathLike) -> None:
-    """class_idx.json in the classic format: {"0": "daisy", "1": "dandelion", ...}."""
-    save_json({str(i): name for i, name in enumerate(classes)}, path)
-
-
-def load_class_names(path: str | os.PathLike) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"class index not found: {path} (train.py writes it)")
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CLIError(f"{path} is not valid JSON: {error}") from None
-    if (not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values())
-            or sorted(mapping, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(mapping))]):
-        raise CLIError(f'{path} must map "0", "1", ... to class names, like {{"0": "daisy", "1": "dandelion"}}')
-    return [mapping[str(i)] for i in range(len(mapping))]
-
-
-def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike) -> None:
-    """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model.
-
-    Floating-point tensors are stored as float16, which halves the file; load_weights puts them back into
-    the float32 model, and the predictions barely move (see tests/test_nin.py). A tensor outside float16's
-    range stays float32. train.py's checkpoint.pth keeps full precision for --resume.
-    """
-    def compact(t: torch.Tensor) -> torch.Tensor:
-        fits = t.is_floating_point() and bool(t.abs().max() <= torch.finfo(torch.float16).max)
-        return t.half() if fits else t
-
-    state = {k: compact(v.detach().cpu()) for k, v in model.state_dict().items()}
-    save_torch({"model": state, "config": model.config, "classes": classes, "image_size": image_size},
-               path)
-
-
-def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[NiN, list[str], int]:
-    """Rebuild the model saved by save_weights, on any device (GPU weights load on a CPU-only machine).
-
-    Returns the model in eval mode, its class names and the image size it was trained at.
-    """
-    saved = load_torch(path, "weights")
-    if not {"model", "config", "classes", "image_size"} <= saved.keys():
-        raise CLIError(f"{path} is not a NiN.pth written by train.py")
-    model = NiN(**saved["config"])
-    try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as error:
-        raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0]}") from None
-    return model.to(device).eval(), list(saved["classes"]), int(saved["image_size"])
-
-
-# --------------------------------------------------------------------------------------------- summary
-
-
-def describe(model: nn.Module, image_size: int) -> str:
-    """Each leaf layer's output shape for one image_size x image_size input, then the parameter count."""
-    lines = [f"{'layer':<40} output shape"]
-    hooks = [m.register_forward_hook(
-        lambda m, _, out, name=name: lines.append(f"{name + ' ' + type(m).__name__:<40} {tuple(out.shape)}"))
-        for name, m in model.named_modules() if not list(m.children())]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, image_size, image_size))
-    for h in hooks:
-        h.remove()
-    params = sum(p.numel() for p in model.parameters())
-    lines.append(f"parameters: {params:,}")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-classes", type=int, default=5, help="number of classes (default: %(default)s)")
@@ -455,6 +458,8 @@ def main() -> None:
         parser.error(f"--image-size must be at least {MIN_IMAGE_SIZE}")
     if args.num_classes < 1:
         parser.error("--num-classes must be at least 1")
+    if args.head_width < 0:
+        parser.error("--head-width must not be negative")
     model = NiN(args.num_classes, faithful=args.faithful, head_width=args.head_width or None)
     print(describe(model, args.image_size))
 

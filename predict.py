@@ -23,25 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nin import (
-    CLASS_IDX_PATH,
-    RUNS_DIR,
-    WEIGHTS_PATH,
-    CLIError,
-    classification_report,
-    confusion_matrix,
-    decode_images,
-    eval_tensor,
-    load_class_names,
-    load_weights,
-    normalize,
-    pick_device,
-    run_cli,
-    save_confusion_matrix,
-    save_csv,
-    save_figure,
-    warn,
-)
+import nin
 
 TOP_K = 3
 BATCH_SIZE = 64
@@ -58,8 +40,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("images", nargs="*", type=Path, help="image files or folders of images")
     p.add_argument("--eval", type=Path, default=None, metavar="DIR",
                    help="evaluate on a labelled folder (DIR/<class>/<image>), e.g. data/val")
-    p.add_argument("--weights", type=Path, default=WEIGHTS_PATH, help="trained weights (default: %(default)s)")
-    p.add_argument("--class-idx", type=Path, default=CLASS_IDX_PATH,
+    p.add_argument("--weights", type=Path, default=nin.WEIGHTS_PATH, help="trained weights (default: %(default)s)")
+    p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH,
                    help="class map written by train.py (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="classes listed per image (default: %(default)s)")
     p.add_argument("--heatmap", action="store_true",
@@ -69,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the results as JSON, and draw no figure")
     p.add_argument("--save", type=Path, default=None, metavar="FILE",
                    help="save the figure (PNG, PDF, ...) instead of showing it")
-    p.add_argument("--out-dir", type=Path, default=RUNS_DIR / "predict",
+    p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR / "predict",
                    help="where the CSVs and --eval's figures go (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help="images per forward pass (default: %(default)s)")
@@ -98,40 +80,40 @@ def expand(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             found = find_images(path)
             if not found:
-                warn(f"no images in folder {path}")
+                nin.warn(f"no images in folder {path}")
             files += found
         elif path.exists():
             files.append(path)
         else:
-            raise CLIError(f"image not found: {path}")
+            raise nin.CLIError(f"image not found: {path}")
     return files
 
 
 def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     """Images of folder/<class>/ with the weights' index of their class; unknown classes are reported."""
     if not folder.is_dir():
-        raise CLIError(f"evaluation folder not found: {folder}")
+        raise nin.CLIError(f"evaluation folder not found: {folder}")
     paths, labels = [], []
     for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
         found = find_images(sub)
         if sub.name not in classes:
-            warn(f"class folder {sub.name!r} ({len(found)} images) is not a class of the weights: not scored")
+            nin.warn(f"class folder {sub.name!r} ({len(found)} images) is not a class of the weights: not scored")
         elif found:
             paths += found
             labels += [classes.index(sub.name)] * len(found)
     missing = sorted(set(classes) - {classes[i] for i in labels})
     if missing:
-        warn(f"no images for the classes {', '.join(missing)} in {folder}")
+        nin.warn(f"no images for the classes {', '.join(missing)} in {folder}")
     if not paths:
-        raise CLIError(f"{folder} has no images in folders named after the classes {classes}")
+        raise nin.CLIError(f"{folder} has no images in folders named after the classes {classes}")
     return paths, labels
 
 
 def load_model(weights: Path, class_idx: Path, device: torch.device) -> tuple[torch.nn.Module, list[str], int]:
-    model, classes, image_size = load_weights(weights, device)
-    names = load_class_names(class_idx)
+    model, classes, image_size = nin.load_weights(weights, device)
+    names = nin.load_class_names(class_idx)
     if names != classes:
-        raise CLIError(f"{class_idx} does not match {weights}: it lists {names}, the weights were trained on "
+        raise nin.CLIError(f"{class_idx} does not match {weights}: it lists {names}, the weights were trained on "
                        f"{classes}")
     return model, classes, image_size
 
@@ -146,7 +128,7 @@ def classify(model, images: torch.Tensor, tta: bool = False) -> tuple[torch.Tens
     The logits are the means of the class maps (global average pooling), so each map shows where the
     network found its class. With tta the mirror image's maps, mirrored back, are averaged in.
     """
-    x = normalize(images)
+    x = nin.normalize(images)
     maps = model.class_maps(x)
     if tta:
         maps = (maps + model.class_maps(x.flip(-1)).flip(-1)) / 2
@@ -161,7 +143,7 @@ def run_batches(model, paths: list[Path], image_size: int, args, device) -> list
     bar = tqdm(total=len(paths), desc="classify", unit="img", disable=len(paths) <= args.batch_size)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        decoded = decode_images(chunk, eval_tensor, image_size, args.workers, "decode", progress=False)
+        decoded = nin.decode_images(chunk, nin.eval_tensor, image_size, args.workers, "decode", progress=False)
         kept = [(p, img) for p, img in zip(chunk, decoded, strict=True) if img is not None]
         if kept:
             images = torch.stack([img for _, img in kept]).to(device)
@@ -171,7 +153,7 @@ def run_batches(model, paths: list[Path], image_size: int, args, device) -> list
         bar.update(len(chunk))
     bar.close()
     if not results:
-        raise CLIError(f"cannot read image {paths[0]}" if len(paths) == 1 else "no image could be read")
+        raise nin.CLIError(f"cannot read image {paths[0]}" if len(paths) == 1 else "no image could be read")
     return results
 
 
@@ -242,7 +224,7 @@ def show_or_save(fig, save: Path | None) -> None:
     import matplotlib.pyplot as plt  # matplotlib falls back to a file-only backend when there is no display
 
     if save is not None:
-        save_figure(fig, save)
+        nin.save_figure(fig, save)
         print(f"saved {save}")
     elif plt.get_backend().lower() in FILE_ONLY_BACKENDS:
         plt.close(fig)
@@ -266,7 +248,7 @@ def predict_images(model, classes: list[str], image_size: int, args, device) -> 
     if len(results) > 1:
         rows = [{"image": str(r["path"]), **{c: round(float(p), 4) for c, p in zip(classes, r["probs"], strict=True)},
                  "predicted": classes[int(r["probs"].argmax())]} for r in results]
-        save_csv(rows, args.out_dir / "predictions.csv")
+        nin.save_csv(rows, args.out_dir / "predictions.csv")
         print(f"wrote {args.out_dir / 'predictions.csv'}")
     fig = (single_figure(results[0], classes, args.top_k, args.heatmap) if len(results) == 1
            else grid_figure(results, classes, args.heatmap))
@@ -282,7 +264,7 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
     k = min(args.top_k, len(classes))
     top1 = probs.argmax(1)
     topk_hit = (probs.topk(k).indices == targets[:, None]).any(1)
-    cm = confusion_matrix(targets, top1, len(classes))
+    cm = nin.confusion_matrix(targets, top1, len(classes))
     rows = [{"image": str(r["path"]), "true": classes[t], "predicted": classes[p],
              "probability": round(float(q[p]), 4), "correct": int(t == p)}
             for r, t, p, q in zip(results, targets.tolist(), top1.tolist(), probs, strict=True)]
@@ -295,7 +277,7 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
     else:
         print(f"{len(results)} images of {args.eval}: top-1 accuracy {summary['top1']:.2%}, "
               f"top-{k} {summary[f'top{k}']:.2%}" + (" (flip TTA)" if args.tta else ""))
-        print(classification_report(cm, classes))
+        print(nin.classification_report(cm, classes))
         width = max(len(c) for c in classes)
         print("\nconfusion matrix (rows: true, columns: predicted)")
         print(" " * width + "".join(f"{c[:7]:>8}" for c in classes))
@@ -306,14 +288,14 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
             print(f"  {rows[i]['probability']:.1%} {rows[i]['predicted']:<{width}} (true {rows[i]['true']}): "
                   f"{rows[i]['image']}")
     out = args.out_dir
-    save_csv(rows, out / "eval_predictions.csv")
-    save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
+    nin.save_csv(rows, out / "eval_predictions.csv")
+    nin.save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
     written = [out / "eval_predictions.csv", out / "eval_confusion.png"]
     if mistakes:
         gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
         titles = [f"{rows[i]['predicted']} {rows[i]['probability']:.0%}\n(true {rows[i]['true']})"
                   for i in mistakes[:MISTAKES_SHOWN]]
-        save_figure(grid_figure(gallery, classes, args.heatmap, titles), out / "eval_mistakes.png")
+        nin.save_figure(grid_figure(gallery, classes, args.heatmap, titles), out / "eval_mistakes.png")
         written.append(out / "eval_mistakes.png")
     if not args.json:
         print("wrote " + ", ".join(map(str, written)))
@@ -321,7 +303,7 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
 
 def main() -> None:
     args = parse_args()
-    device = pick_device(args.device)
+    device = nin.pick_device(args.device)
     model, classes, image_size = load_model(args.weights, args.class_idx, device)
     if args.eval:
         evaluate_folder(model, classes, image_size, args, device)
@@ -330,4 +312,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    nin.run_cli(main)

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nin import DATA_DIR, SPLIT_ID_FILE, CLIError, UnreadableImage, load_image, run_cli, warn
+import nin
 
 ARCHIVE_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 ARCHIVE_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 ARCHIVE_BYTES = 228_813_984
-DEFAULT_SOURCE = DATA_DIR / "flower_photos"
+DEFAULT_SOURCE = nin.DATA_DIR / "flower_photos"
 VAL_RATIO = 0.1
 SEED = 0
 
@@ -61,14 +61,14 @@ def download(url: str, dest: Path) -> None:
         os.replace(part, dest)
     except OSError as error:
         part.unlink(missing_ok=True)
-        raise CLIError(f"download of {url} failed ({error}); download it by hand and pass --archive FILE, "
+        raise nin.CLIError(f"download of {url} failed ({error}); download it by hand and pass --archive FILE, "
                        f"or pass --source DIR") from None
 
 
 def verify_archive(archive: Path) -> None:
     """Refuse (and delete, if we downloaded it) an archive that is not the published one."""
     if archive.stat().st_size != ARCHIVE_BYTES or sha256_of(archive) != ARCHIVE_SHA256:
-        raise CLIError(f"{archive} is not the flower_photos archive (size or sha256 differs); "
+        raise nin.CLIError(f"{archive} is not the flower_photos archive (size or sha256 differs); "
                        f"delete it and run again")
 
 
@@ -90,7 +90,7 @@ def extract(archive: Path, dest: Path) -> None:
         tops = [p for p in tmp.iterdir() if p.is_dir()]
         os.replace(tops[0] if len(tops) == 1 else tmp, dest)
     except (tarfile.TarError, OSError) as error:
-        raise CLIError(f"cannot extract {archive}: {error}") from None
+        raise nin.CLIError(f"cannot extract {archive}: {error}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -102,12 +102,12 @@ def fetch_flower_photos(dest: Path, archive: Path | None) -> None:
             download(ARCHIVE_URL, archive)
         try:
             verify_archive(archive)
-        except CLIError:
+        except nin.CLIError:
             archive.unlink()
-            raise CLIError(f"the download of {ARCHIVE_URL} is corrupt (sha256 differs) and was deleted; "
+            raise nin.CLIError(f"the download of {ARCHIVE_URL} is corrupt (sha256 differs) and was deleted; "
                            f"run again") from None
     elif not archive.is_file():
-        raise CLIError(f"archive not found: {archive}")
+        raise nin.CLIError(f"archive not found: {archive}")
     else:
         verify_archive(archive)
     extract(archive, dest)
@@ -119,23 +119,23 @@ def fetch_flower_photos(dest: Path, archive: Path | None) -> None:
 def list_classes(source: Path) -> dict[str, list[Path]]:
     """Per-class files of source (hidden files and folders ignored)."""
     if not source.is_dir():
-        raise CLIError(f"source folder not found: {source}")
+        raise nin.CLIError(f"source folder not found: {source}")
     try:
         classes = {d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
                    for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     except OSError as error:
-        raise CLIError(f"cannot read {source}: {error}") from None
+        raise nin.CLIError(f"cannot read {source}: {error}") from None
     if not classes:
-        raise CLIError(f"{source} has no class folders (expected {source}/<class>/<image>)")
+        raise nin.CLIError(f"{source} has no class folders (expected {source}/<class>/<image>)")
     return classes
 
 
 def is_readable_image(path: Path) -> bool:
     """Decode the whole file (at reduced scale: fast), so truncated files are caught too."""
     try:
-        load_image(path, short_side=64)
+        nin.load_image(path, short_side=64)
         return True
-    except UnreadableImage:
+    except nin.UnreadableImage:
         return False
 
 
@@ -195,7 +195,7 @@ def write_split(classes: dict[str, list[Path]], sides: dict[Path, str | None], o
         for half in ("train", "val"):
             for name in classes:
                 (tmp / half / name).mkdir(parents=True)
-            (tmp / half / SPLIT_ID_FILE).write_text(split_id + "\n")
+            (tmp / half / nin.SPLIT_ID_FILE).write_text(split_id + "\n")
         for name, files in classes.items():
             for f in files:
                 if sides[f] is not None:
@@ -225,10 +225,10 @@ def check_readable(classes: dict[str, list[Path]], fractions: dict[Path, float |
     """Warn about each file that is not an image; refuse a class folder without any."""
     for f, fraction in fractions.items():
         if fraction is None:
-            warn(f"skipped {f}: not a readable image")
+            nin.warn(f"skipped {f}: not a readable image")
     empty = [name for name, files in classes.items() if all(fractions[f] is None for f in files)]
     if empty:
-        raise CLIError(f"no readable images in class folder(s): {', '.join(empty)}")
+        raise nin.CLIError(f"no readable images in class folder(s): {', '.join(empty)}")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -240,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"folder of per-class image folders (default: {DEFAULT_SOURCE}, downloaded if missing)")
     p.add_argument("--archive", type=Path, default=None,
                    help="a local copy of flower_photos.tgz to extract instead of downloading")
-    p.add_argument("--out", type=Path, default=DATA_DIR,
+    p.add_argument("--out", type=Path, default=nin.DATA_DIR,
                    help="where train/ and val/ are written (default: %(default)s)")
     p.add_argument("--val-ratio", type=float, default=None,
                    help=f"share of each class that goes to val/; 0: none, every photo trains (default: {VAL_RATIO})")
@@ -289,4 +289,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    nin.run_cli(main)

@@ -36,26 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nin
 import predict
 import split_data
 import train
-from nin import (
-    ROOT,
-    RUNS_DIR,
-    CLIError,
-    atomic_write,
-    confusion_matrix,
-    decode_images,
-    eval_tensor,
-    load_torch,
-    load_weights,
-    pick_device,
-    run_cli,
-    save_csv,
-    save_figure,
-    save_json,
-    warn,
-)
 
 FOLDS = 5
 SUSPECTS = 24  # photos in the suspect-label gallery and CSV
@@ -73,7 +57,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--source", type=Path, default=None,
                    help=f"folder of per-class image folders (default: {split_data.DEFAULT_SOURCE}, "
                         f"downloaded if missing)")
-    p.add_argument("--out", type=Path, default=RUNS_DIR / "cv", help="where the folds and tables go "
+    p.add_argument("--out", type=Path, default=nin.RUNS_DIR / "cv", help="where the folds and tables go "
                                                                        "(default: %(default)s)")
     p.add_argument("--parallel", type=int, default=1, help="folds trained at a time (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=split_data.SEED,
@@ -102,7 +86,7 @@ def fold_dir(out: Path, fold: int) -> Path:
 def train_fold(folder: Path, flags: list[str], threads: int | None) -> tuple[bool, float]:
     """train.py on folder/data (resumed if a checkpoint is there); whether it succeeded, and its wall time."""
     resume = ["--resume"] if (folder / "run" / "checkpoint.pth").is_file() else []
-    command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(folder / "data"),
+    command = [sys.executable, str(nin.ROOT / "train.py"), "--data-dir", str(folder / "data"),
                "--out-dir", str(folder / "run"), "--weights", str(folder / "NiN.pth"),
                "--class-idx", str(folder / "class_idx.json"), "--keep", "last", *resume, *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -118,10 +102,11 @@ def train_fold(folder: Path, flags: list[str], threads: int | None) -> tuple[boo
 def score(weights: Path, samples: list[tuple[Path, str]], workers: int, device: torch.device,
           ) -> tuple[list[str], torch.Tensor]:
     """The class names of the weights and their probabilities [N, C] for each (path, label) sample."""
-    model, classes, image_size = load_weights(weights, device)
-    images = decode_images([path for path, _ in samples], eval_tensor, image_size, workers, "score", progress=False)
+    model, classes, image_size = nin.load_weights(weights, device)
+    images = nin.decode_images([path for path, _ in samples], nin.eval_tensor, image_size, workers, "score",
+                               progress=False)
     if any(image is None for image in images):
-        raise CLIError("a photo of the split could not be read again")
+        raise nin.CLIError("a photo of the split could not be read again")
     probs = [predict.classify(model, torch.stack(images[i:i + 64]).to(device))[0].cpu()
              for i in range(0, len(images), 64)]
     return classes, torch.cat(probs)
@@ -137,14 +122,14 @@ def finish_fold(folder: Path, fold: int, source: Path, seconds: float, workers: 
              "predicted": classes[int(row.argmax())]} for (path, label), row in zip(samples, probs, strict=True)]
     history = list(csv.DictReader(open(folder / "run" / "metrics.csv", newline="")))
     best = max(history, key=lambda h: float(h["val_acc"]))
-    checkpoint = load_torch(folder / "run" / "checkpoint.pth", "checkpoint")
+    checkpoint = nin.load_torch(folder / "run" / "checkpoint.pth", "checkpoint")
     result = {"fold": fold, "photos": len(rows), "classes": classes,
               "last_correct": sum(r["predicted"] == r["label"] for r in rows),
               "last_acc_in_training": float(history[-1]["val_acc"]), "epochs": len(history),
               "best_acc": float(best["val_acc"]), "best_epoch": int(best["epoch"]),
               "best_confusion": checkpoint["best_confusion"].tolist(), "train_seconds": round(seconds, 1)}
-    save_csv(rows, folder / "predictions.csv")
-    save_json(result, folder / "result.json")  # last: its presence means the fold is done
+    nin.save_csv(rows, folder / "predictions.csv")
+    nin.save_json(result, folder / "result.json")  # last: its presence means the fold is done
     shutil.rmtree(folder / "data", ignore_errors=True)  # the split and its decoding cache: made again if needed
     return result
 
@@ -162,7 +147,7 @@ def run_fold(fold: int, args: argparse.Namespace, flags: list[str], classes: dic
     ok, seconds = train_fold(folder, flags, threads)
     seconds_file.write_text(f"{earlier + seconds:.1f}\n")
     if not ok:
-        warn(f"fold {fold}: train.py failed, see {folder / 'log.txt'}; run again to resume it")
+        nin.warn(f"fold {fold}: train.py failed, see {folder / 'log.txt'}; run again to resume it")
         return None
     result = finish_fold(folder, fold, args.source, earlier + seconds, args.workers, device)
     print(f"fold {fold}: last epoch {result['last_correct'] / result['photos']:.2%}, best epoch "
@@ -198,7 +183,7 @@ def report(results: list[dict], folds: int, rows: list[dict], command: str) -> s
     """cv.md: the per-fold table and the pooled figures."""
     classes = results[0]["classes"]
     index = {c: i for i, c in enumerate(classes)}
-    last_cm = confusion_matrix(torch.tensor([index[r["label"]] for r in rows]),
+    last_cm = nin.confusion_matrix(torch.tensor([index[r["label"]] for r in rows]),
                                torch.tensor([index[r["predicted"]] for r in rows]), len(classes))
     best_cm = sum(torch.tensor(r["best_confusion"]) for r in results)
     correct, total = int(last_cm.diag().sum()), len(rows)
@@ -229,17 +214,17 @@ def suspect_gallery(chosen: list[dict], out: Path, source: Path, workers: int, d
     """The suspects as thumbnails with their predicted class's map, each scored again by its own fold's model."""
     results = []
     for fold in sorted({s["fold"] for s in chosen}):
-        model, classes, image_size = load_weights(fold_dir(out, fold) / "NiN.pth", device)
+        model, classes, image_size = nin.load_weights(fold_dir(out, fold) / "NiN.pth", device)
         mine = [s for s in chosen if s["fold"] == fold]
         paths = [source / s["photo"] for s in mine]
-        images = decode_images(paths, eval_tensor, image_size, workers, "suspects", progress=False)
+        images = nin.decode_images(paths, nin.eval_tensor, image_size, workers, "suspects", progress=False)
         probs, maps = predict.classify(model, torch.stack(images).to(device))
         results += [{"path": path, "image": image, "probs": p.cpu(), "map": m.float().cpu(), "suspect": s}
                     for path, image, p, m, s in zip(paths, images, probs, maps, mine, strict=True)]
     results.sort(key=lambda r: chosen.index(r["suspect"]))
     titles = [f"{r['suspect']['photo']}\nfolder {r['suspect']['folder']}, model says\n"
               f"{r['suspect']['predicted']} {r['suspect']['probability']:.0%}" for r in results]
-    save_figure(predict.grid_figure(results, classes, heatmap=True, titles=titles), out / "suspect_labels.png")
+    nin.save_figure(predict.grid_figure(results, classes, heatmap=True, titles=titles), out / "suspect_labels.png")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -251,10 +236,10 @@ def check_settings(out: Path, settings: dict) -> None:
     if path.is_file():
         before = json.loads(path.read_text())
         if before != settings:
-            raise CLIError(f"{out} holds a cross-validation with other settings ({before}): "
+            raise nin.CLIError(f"{out} holds a cross-validation with other settings ({before}): "
                            f"use another --out, or delete it to start again")
     else:
-        save_json(settings, path)
+        nin.save_json(settings, path)
 
 
 def main() -> None:
@@ -269,32 +254,32 @@ def main() -> None:
     fractions = split_data.val_fractions([f for files in classes.values() for f in files], args.split_seed,
                                          args.workers)
     split_data.check_readable(classes, fractions)
-    device = pick_device(None)
+    device = nin.pick_device(None)
     threads = max((os.cpu_count() or 1) // args.parallel, 1) if args.parallel > 1 else None
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda fold: run_fold(fold, args, flags, classes, fractions, threads, device),
                                 range(args.folds)))
     done = [r for r in results if r is not None]
     if not done:
-        raise CLIError("no fold finished")
+        raise nin.CLIError("no fold finished")
     rows = sorted((row for r in done for row in csv.DictReader(open(fold_dir(args.out, r["fold"]) / "predictions.csv",
                                                                     newline=""))), key=lambda row: row["photo"])
-    save_csv(rows, args.out / "oof_predictions.csv")
+    nin.save_csv(rows, args.out / "oof_predictions.csv")
     command = shlex.join(["python", "bench/cv.py", *sys.argv[1:]])
     table = report(done, args.folds, rows, command)
-    atomic_write(args.out / "cv.md", lambda f: f.write(table), mode="w")
-    save_csv([{k: v for k, v in r.items() if k not in ("classes", "best_confusion")} for r in done],
+    nin.atomic_write(args.out / "cv.md", lambda f: f.write(table), mode="w")
+    nin.save_csv([{k: v for k, v in r.items() if k not in ("classes", "best_confusion")} for r in done],
              args.out / "folds.csv")
     chosen = suspects(rows)
     if chosen:
-        save_csv(chosen, args.out / "suspect_labels.csv")
+        nin.save_csv(chosen, args.out / "suspect_labels.csv")
         suspect_gallery(chosen, args.out, source, args.workers, device)
     print(table)
     print(f"wrote {args.out}: cv.md, folds.csv, oof_predictions.csv" +
           (", suspect_labels.csv and .png" if chosen else ""))
     if len(done) < args.folds:
-        raise CLIError(f"{args.folds - len(done)} fold(s) failed: run the same command again to resume them")
+        raise nin.CLIError(f"{args.folds - len(done)} fold(s) failed: run the same command again to resume them")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    nin.run_cli(main)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchvision.transforms.v2 import functional as TF
 
-from nin import IMAGE_SIZE, SPLIT_ID_FILE, run_cli
+import nin
 from train import train_tensor
 
 
@@ -25,7 +25,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("split", type=Path, help="folder holding train/ and val/")
     p.add_argument("out", type=Path, help="where the copy goes (replaced)")
-    p.add_argument("--side", type=int, default=IMAGE_SIZE, help="largest training size to serve (default: %(default)s)")
+    p.add_argument("--side", type=int, default=nin.IMAGE_SIZE,
+                   help="largest training size to serve (default: %(default)s)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the squares (default: %(default)s)")
     args = p.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -33,7 +34,7 @@ def main() -> None:
     for path in sorted((args.split / "train").rglob("*")):
         target = args.out / "train" / path.relative_to(args.split / "train")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if path.name == SPLIT_ID_FILE:
+        if path.name == nin.SPLIT_ID_FILE:
             shutil.copy(path, target)
         elif path.is_file():
             square = TF.to_pil_image(train_tensor(str(path), args.side))  # exactly what train.py caches
@@ -41,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    nin.run_cli(main)

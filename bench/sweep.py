@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nin import DATA_DIR, ROOT, RUNS_DIR, CLIError, run_cli, save_csv, warn
+import nin
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,9 +32,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2],
                    help="comma-separated (default: 0,1,2)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="default: %(default)s")
-    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR / "sweep", help="default: %(default)s")
-    p.add_argument("--csv", type=Path, default=None, help="default: RUNS_DIR/results.csv in --runs-dir")
+    p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="default: %(default)s")
+    p.add_argument("--runs-dir", type=Path, default=nin.RUNS_DIR / "sweep", help="default: %(default)s")
+    p.add_argument("--csv", type=Path, default=None, help="default: nin.RUNS_DIR/results.csv in --runs-dir")
     args = p.parse_args()
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
@@ -64,7 +64,7 @@ def train(name: str, flags: list[str], seed: int, args: argparse.Namespace, thre
     done = run_dir / "done.txt"
     if not done.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(args.data_dir), "--seed", str(seed),
+        command = [sys.executable, str(nin.ROOT / "train.py"), "--data-dir", str(args.data_dir), "--seed", str(seed),
                    "--out-dir", str(run_dir), "--weights", str(run_dir / "NiN.pth"),
                    "--class-idx", str(run_dir / "class_idx.json"), *flags]
         start = time.perf_counter()
@@ -72,7 +72,7 @@ def train(name: str, flags: list[str], seed: int, args: argparse.Namespace, thre
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
         if code != 0:
-            warn(f"{name} seed {seed} failed (exit {code}): see {run_dir / 'log.txt'}")
+            nin.warn(f"{name} seed {seed} failed (exit {code}): see {run_dir / 'log.txt'}")
             return None
         done.write_text(f"{time.perf_counter() - start:.1f}\n")
     history = read_metrics(run_dir)
@@ -96,7 +96,7 @@ def save_table(args: argparse.Namespace, runs: dict[str, list[dict]]) -> list[di
     table = sorted((summarise(name, args.configs[name], runs[name]) for name in args.configs if runs[name]),
                    key=lambda row: -row["best_mean"])
     if table:
-        save_csv(table, args.csv or args.runs_dir / "results.csv")
+        nin.save_csv(table, args.csv or args.runs_dir / "results.csv")
     return table
 
 
@@ -121,8 +121,8 @@ def main() -> None:
         print(f"{row['name']:<12} {row['best_mean']:14.4f} {row['best_sd']:6.4f}  {row['best_each']:<22} "
               f"{row['last_mean']:6.4f} {row['wall_s']:6.0f}  {row['flags']}")
     if not table:
-        raise CLIError("every run failed")
+        raise nin.CLIError("every run failed")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    nin.run_cli(main)

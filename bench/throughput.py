@@ -25,15 +25,15 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nin
 import train
-from nin import DATA_DIR, HEAD_WIDTH, IMAGE_SIZE, MEAN, STD, NiN, pick_device, run_cli
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding train/ (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ (default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="default: %(default)s")
+    p.add_argument("--image-size", type=int, default=nin.IMAGE_SIZE, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE, help="default: %(default)s")
     p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
@@ -67,10 +67,10 @@ def forever(make_iterable):
 
 def main() -> None:
     args = parse_args()
-    device = pick_device(args.device)
+    device = nin.pick_device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     train_set = train.find_images(args.data_dir / "train")
-    model = NiN(len(train_set.classes), head_width=HEAD_WIDTH or None)  # train.py's default network
+    model = nin.NiN(len(train_set.classes), head_width=nin.HEAD_WIDTH or None)  # train.py's default network
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = train.make_optimizer(model, "sgd", train.LR, train.MOMENTUM, train.WEIGHT_DECAY)
     bs, size = args.batch_size, args.image_size
@@ -107,7 +107,7 @@ def main() -> None:
     # 3. the classic per-sample pipeline
     classic_tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(train.MIN_CROP_SCALE, 1)),
                                      transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                                     transforms.Normalize(MEAN, STD)])
+                                     transforms.Normalize(nin.MEAN, nin.STD)])
     loader = DataLoader(ImageFolder(args.data_dir / "train", classic_tf), bs, shuffle=True, drop_last=True,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0)
@@ -122,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    nin.run_cli(main)
