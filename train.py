@@ -113,7 +113,7 @@ def main() -> None:
 # --------------------------------------------------------------------------------------------- arguments
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
@@ -168,6 +168,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out-dir/checkpoint.pth, with its own settings")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = arg_parser()
     args = p.parse_args(argv)
     checks = [(args.epochs >= 1, "--epochs must be at least 1"),
               (args.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two images)"),

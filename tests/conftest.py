@@ -44,6 +44,30 @@ def draw(path: Path, colour: tuple[int, int, int], seed: int, size: tuple[int, i
     return path
 
 
+def mutations(seed: int, count: int, tmp_path) -> list[bytes]:
+    """Random bytes, and valid JPEG/PNG files with bytes flipped, cut, repeated or inserted."""
+    rng = random.Random(seed)
+    originals = [draw(tmp_path / f"o{i}{suffix}", (rng.randrange(256), 90, 30), seed=i, size=(70, 66)).read_bytes()
+                 for i, suffix in enumerate([".jpg", ".png", ".jpg"])]
+    cases = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 400))) for _ in range(count // 5)]
+    while len(cases) < count:
+        data = bytearray(rng.choice(originals))
+        for _ in range(rng.randint(1, 12)):
+            op, at = rng.randrange(4), rng.randrange(len(data))
+            if op == 0:
+                data[at] = rng.randrange(256)
+            elif op == 1:
+                del data[at:]
+            elif op == 2:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+            elif len(data) > at + 8:
+                data[at:at + 4] = b"\xff\xff\xff\x7f"  # huge lengths and sizes
+            if not data:
+                break
+        cases.append(bytes(data))
+    return cases
+
+
 def make_dataset(root: Path, per_class: int, start: int = 0) -> Path:
     """root/<colour>/<n>.jpg for every colour: an easy three-class task."""
     for c, (name, colour) in enumerate(COLOURS.items()):
