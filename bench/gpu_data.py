@@ -1,10 +1,12 @@
-"""A copy of a split small enough to send to a lent GPU machine (64 MiB with the repository).
+"""For maintainers with a borrowed GPU machine: a copy of a photo folder small enough to carry there (64 MiB
+with the repository).
 
-    python bench/gpu_data.py data .gpu/data
+    python bench/gpu_data.py ../shared/data/flower_photos .gpu/flower_squares
 
-Training photos become their centre square at the side train.py caches for --side's image size (JPEG),
-which is all that train.py keeps of them anyway; validation photos are copied untouched, so the accuracy
-measured there is on the original photos.
+Every photo of SOURCE/<class>/ becomes its centre square at the side train.py caches for --side (JPEG). For
+training that is all train.py keeps of a photo anyway; for scoring, nin.eval_tensor of the square (resize to
+the same side: nothing to do, then the same centre crop) equals that of the original photo up to the JPEG
+re-encoding. Cross-validation scores every photo, so every photo is squared.
 """
 
 from __future__ import annotations
@@ -18,27 +20,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchvision.transforms.v2 import functional as TF
 
 import nin
+import split_data
 from train import train_tensor
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("split", type=Path, help="folder holding train/ and val/")
+    p.add_argument("source", type=Path, help="folder of per-class image folders")
     p.add_argument("out", type=Path, help="where the copy goes (replaced)")
     p.add_argument("--side", type=int, default=nin.IMAGE_SIZE,
-                   help="largest training size to serve (default: %(default)s)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the squares (default: %(default)s)")
+                   help="largest image size to serve (default: %(default)s)")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality of the squares (default: %(default)s)")
     args = p.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
-    shutil.copytree(args.split / "val", args.out / "val")
-    for path in sorted((args.split / "train").rglob("*")):
-        target = args.out / "train" / path.relative_to(args.split / "train")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if path.name == nin.SPLIT_ID_FILE:
-            shutil.copy(path, target)
-        elif path.is_file():
-            square = TF.to_pil_image(train_tensor(str(path), args.side))  # exactly what train.py caches
-            square.save(target.with_suffix(".jpg"), quality=args.quality)
+    for name, files in split_data.list_classes(args.source).items():
+        (args.out / name).mkdir(parents=True)
+        for path in files:
+            try:
+                square = TF.to_pil_image(train_tensor(str(path), args.side))  # exactly what train.py caches
+            except nin.UnreadableImage as error:
+                nin.warn(f"skipped {error}")
+                continue
+            square.save(args.out / name / (path.stem + ".jpg"), quality=args.quality)
+    size = sum(f.stat().st_size for f in args.out.rglob("*.jpg"))
+    print(f"wrote {args.out}: {size / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

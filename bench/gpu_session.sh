@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# One short lease of a GPU machine, as one script (the scripts of the earlier leases behind bench/RESULTS.md are in
-# git history: sweeps A and B `git show 214a79b:bench/gpu_session.sh`, sweep D `git show 7d22ba0:bench/gpu_session.sh`):
-#   bash bench/gpu_session.sh DATA_DIR OUT_DIR [SECONDS]
-# DATA_DIR is made by bench/gpu_data.py: training photos as the squares train.py caches, val photos untouched.
-# 1. `python train.py` alone with the defaults, timed by the shell: the whole run's wall time on one GPU;
-# 2. the sweep: CPU-route candidates (float32, as on a CPU) around the command of RESULTS.md section 3,
-#    3 seeds each, 12 at a time;
-# 3. bench/throughput.py, the classic pipeline reading original photos (the val photos, each listed 10 times);
-# 4. the tables and every run's metrics.csv and log into OUT_DIR.
-# Stops itself SECONDS (default 555) after it starts.
+# For maintainers with a borrowed GPU machine (15 minutes of it, start-up included): every GPU measurement the
+# open work needs, as one script. The scripts of earlier leases are in git history (`git log -p bench/gpu_session.sh`).
+#
+# Here, first:  python bench/gpu_data.py ../shared/data/flower_photos .gpu/flower_squares   (32 MiB: carried)
+# There:        bash bench/gpu_session.sh .gpu/flower_squares "$OUT" [SECONDS]
+#
+# 1. 5-fold cross-validation of the default recipe (`python train.py`), the 5 folds at once on the one GPU;
+# 2. at the same time, the weights to ship: the default recipe on every photo (split_data.py --val-ratio 0);
+# 3. the tables, logs and the new NiN.pth into OUT. Stops itself SECONDS (default 540) after it starts.
+# Then, here: python predict.py test_img/*.jpg --weights OUT/NiN.pth --class-idx OUT/class_idx.json
 set -u
-DATA=${1:?DATA_DIR}; OUT=${2:?OUT_DIR}; BUDGET=${3:-555}
+DATA=${1:?SQUARES_DIR}; OUT=${2:?OUT_DIR}; BUDGET=${3:-540}
 START=$SECONDS
 RUNS=runs/gpu
 mkdir -p "$OUT" "$RUNS"
@@ -19,53 +19,25 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 
 left() { echo $((BUDGET - (SECONDS - START))); }
 phase() { echo; echo "=== $1 (t=$((SECONDS - START)) s)"; }
-capped() { local cap=$1; shift; local t; t=$(left); ((t > cap)) && t=$cap; ((t > 5)) && timeout "$t" "$@"; }
-
-# The CPU route (ls2wd10), the steps that led to it and changes around it, as measured on CPU-2 in
-# bench/RESULTS.md section 3: to see how far float32 GPU runs track CPU-2's and whether a change beats it.
-ROUTE="--image-size 112 --start-size 80 --epochs 42 --batch-size 32 --head-width 512 --mixup 0 --cutmix 0 --amp off"
-CONFIGS=(
-  r42="$ROUTE"
-  ls2="$ROUTE --label-smoothing 0.2"
-  wd10="$ROUTE --weight-decay 1e-3"
-  ls2wd10="$ROUTE --label-smoothing 0.2 --weight-decay 1e-3"  # the CPU route
-  ls2wd20="$ROUTE --label-smoothing 0.2 --weight-decay 2e-3"
-  ls2wd10h1024="$ROUTE --label-smoothing 0.2 --weight-decay 1e-3 --head-width 1024 --epochs 40"  # ~5 % more multiply-adds per image (counted, not timed)
-)
 
 phase "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cudnn', torch.backends.cudnn.version())"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 nproc
 
-phase "python train.py alone, the defaults, seed 0 (start-up and decoding included)"
-SOLO=$RUNS/solo
-T0=$SECONDS
-capped 150 python3 train.py --data-dir "$DATA" --out-dir $SOLO --weights $SOLO/NiN.pth --class-idx $SOLO/class_idx.json \
-  > $SOLO.log 2>&1
-echo "exit $?, wall $((SECONDS - T0)) s"
-tr '\r' '\n' < $SOLO.log | grep -v 'batch/s' | tail -n 12  # the log's last lines, without progress bars
-python3 -c "
-import csv, statistics, sys
-h = list(csv.DictReader(open(sys.argv[1])))
-s = [float(r['seconds']) for r in h]
-print(f'{len(h)} epochs: first {s[0]:.2f} s, median {statistics.median(s):.2f} s, sum {sum(s):.1f} s; '
-      f'best val {max(float(r[\"val_acc\"]) for r in h):.4f}')
-" $SOLO/metrics.csv
-
-phase "sweep: CPU-route candidates, 3 seeds each, 12 runs at a time"
-capped 300 python3 bench/sweep.py --data-dir "$DATA" --runs-dir $RUNS/sweep --csv "$OUT/sweep.csv" --parallel 12 \
-  "${CONFIGS[@]}"
-
-phase "throughput: model only vs project vs classic (cuda, batch 64, defaults; original photos)"
-rm -rf /tmp/orig && for d in "$DATA"/val/*/; do
-  c=$(basename "$d"); mkdir -p /tmp/orig/train/$c
-  for f in "$d"*; do for i in 0 1 2 3 4 5 6 7 8 9; do ln -s "$(realpath "$f")" "/tmp/orig/train/$c/$i-$(basename "$f")"; done; done
-done
-capped 90 python3 bench/throughput.py --data-dir /tmp/orig --device cuda --steps 200 --warmup 20 --workers 16
+phase "the default recipe on every photo (in the background), and its 5-fold cross-validation"
+ALL=$RUNS/all
+(T0=$SECONDS
+ python3 split_data.py --source "$DATA" --val-ratio 0 --out $ALL/data > $ALL.log 2>&1 &&
+ timeout $(( $(left) - 20 )) python3 train.py --data-dir $ALL/data --out-dir $ALL/run --weights "$OUT/NiN.pth" \
+   --class-idx "$OUT/class_idx.json" >> $ALL.log 2>&1
+ echo "all photos: exit $?, wall $((SECONDS - T0)) s" >> $ALL.log) &
+timeout $(( $(left) - 20 )) python3 bench/cv.py --source "$DATA" --folds 5 --parallel 5 --out $RUNS/cv-default
+wait
 
 phase "results"
-[[ -f "$OUT/sweep.csv" ]] && cat "$OUT/sweep.csv"
-cp $SOLO.log "$OUT/solo.log"
-tar czf "$OUT/runs.tgz" $(find $RUNS -name metrics.csv -o -name done.txt -o -name log.txt) 2>/dev/null
+tr '\r' '\n' < $ALL.log | grep -v 'batch/s' | tail -n 8
+cp -r $RUNS/cv-default "$OUT/cv-default" 2>/dev/null
+rm -rf "$OUT"/cv-default/fold-*/{data,NiN.pth,run/checkpoint.pth}  # the gallery is drawn already; keep OUT small
+cp $ALL/run/metrics.csv "$OUT/all-metrics.csv" 2>/dev/null
 echo "done at t=$((SECONDS - START)) s"
