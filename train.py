@@ -22,7 +22,10 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import shlex
+import statistics
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -66,7 +69,8 @@ SIZE_STEP = 16  # progressive resizing grows the training images by this many pi
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
 # What a checkpoint written before these flags existed was trained with (not today's defaults).
-BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best"}
+BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best",
+                       "time": None, "val_every": 1}
 # Writing the checkpoint and NiN.pth takes a sizeable share of a GPU epoch, so after an epoch they are saved
 # only when this long has passed since the last save, and after the last epoch; a CPU epoch is longer than
 # this, so there every epoch is saved.
@@ -78,21 +82,28 @@ FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this oft
 
 
 def main() -> None:
+    clock = Clock()
     args, checkpoint = resume(parse_args())
     run = start_run(args.device, args.amp)
     torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
-    data = load_data(args.data_dir, args.image_size, per_process_batch(args, run), args.workers, args.no_cache,
-                     args.seed, run)
-    learner = Learner(nin.NiN(len(data.classes), dropout=None if args.faithful else args.dropout,
-                              faithful=args.faithful, head_width=args.head_width or None), args, data.steps, run)
+    photos = find_photos(args.data_dir, run)
+    pace = None
+    if args.time and checkpoint is None:  # --time: the recipe and the epochs that fit, from timed steps here
+        args, pace = plan_for_budget(args, explicit_flags(sys.argv[1:]), photos, clock, run)
+    data = load_data(photos, args.data_dir, args.image_size, per_process_batch(args, run), args.workers,
+                     args.no_cache, args.seed, run)
+    learner = Learner(make_model(len(data.classes), args), args, data.steps, run)
     progress = Progress()
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
         progress = Progress.from_checkpoint(checkpoint, args)
+        clock.spent_before = checkpoint.get("seconds_spent", 0.0)
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch} "
                 f"(best val acc {progress.best_acc:.4f})")
+    pace = pace or measure_pace(args, len(data.classes), data.steps, len(data.val[1]) if data.val else 0, run)
+    clock.predict(pace, args, data.steps, progress.epoch, run)
     saver = Saver(args, data.classes, keep_last=args.keep == "last" or data.val is None,
-                  saved_epoch=progress.epoch, run=run)
+                  saved_epoch=progress.epoch, clock=clock, run=run)
     with resume_hint_on_ctrl_c(saver, args.out_dir):
         for epoch in range(progress.epoch + 1, args.epochs + 1):
             start = time.perf_counter()
@@ -100,12 +111,18 @@ def main() -> None:
             size = training_size(epoch, args.epochs, args.start_size, args.image_size)
             train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
                                                     desc=f"epoch {epoch}/{args.epochs} ({size} px)")
-            val_loss, val_cm = evaluate(learner.final, *data.val, len(data.classes), run) if data.val else (None, None)
+            last = epoch == args.epochs or clock.out_of_time(pace, args, data.steps, epoch,
+                                                             time.perf_counter() - start, run)
+            validate = data.val is not None and (last or validates(epoch, args.epochs, args.val_every))
+            val_loss, val_cm = evaluate(learner.final, *data.val, len(data.classes), run) if validate else (None, None)
             improved = progress.record(epoch, train_loss, train_acc, val_loss, val_cm, lr, size,
                                        time.perf_counter() - start)
-            saver.after_epoch(learner, progress, improved, last=epoch == args.epochs)
+            saver.after_epoch(learner, progress, improved, last=last)
             run.say(progress.line(args.epochs, improved), write=tqdm.write)
+            if last:
+                break
     run.say(summary(progress, data.classes, saver.keep_last, args.weights))
+    run.say(clock.report(progress.epoch, args))
     run.say(f"weights in {args.weights}, classes in {args.class_idx}; curves"
             f"{'' if progress.best_cm is None else ' and confusion matrix'} in {args.out_dir}")
 
@@ -116,6 +133,9 @@ def main() -> None:
 def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
+    p.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
+                   help="how long the whole run may take, like 90s, 30m or 1h30m: it measures a few steps here, "
+                        "then chooses the recipe and the epochs that fit (flags given explicitly win)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
@@ -189,11 +209,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (0 <= args.ema < 1, "--ema must be in [0, 1)"),
               (args.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
               (args.step_epochs >= 1, "--step-epochs must be at least 1"),
-              (args.workers >= 0, "--workers must not be negative")]
+              (args.workers >= 0, "--workers must not be negative"),
+              (args.time is None or "epochs" not in explicit_flags(argv if argv is not None else sys.argv[1:]),
+               "give --time or --epochs, not both: --time chooses the epochs")]
     for ok, message in checks:
         if not ok:
             p.error(message)
+    args.val_every = 1  # validate after every epoch; a --time plan may validate less often
     return args
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags written on the command line (not left at their defaults)."""
+    written = {token.split("=")[0] for token in argv if token.startswith("--")}
+    return {action.dest for action in arg_parser()._actions if written & set(action.option_strings)}
 
 
 def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
@@ -292,19 +321,27 @@ class Data:
         return self.training.batches(epoch)
 
 
-def load_data(data_dir: Path, image_size: int, batch_size: int, workers: int, stream: bool, seed: int,
-              run: Run) -> Data:
+def find_photos(data_dir: Path, run: Run) -> tuple[ImageFolder, ImageFolder | None]:
+    """The listings of data_dir/train and data_dir/val (None when val/ holds no photos), checked."""
     train_dir, val_dir = data_dir / "train", data_dir / "val"
     train_set, val_set = find_images(train_dir), find_val_images(val_dir)
     check_same_split(train_set, val_set, train_dir, val_dir)
-    processes = f", {run.world} processes x batch {batch_size}" if run.world > 1 else ""
     run.say(f"{len(train_set)} training and {len(val_set or [])} validation images, {len(train_set.classes)} "
-            f"classes; device {run.device}{processes}")
-    cache_dir = None if stream else data_dir / CACHE_FOLDER
-    val = None
+            f"classes; device {run.device}")
     if val_set is None:
         run.say(f"{val_dir} holds no photos: every labelled photo trains and there is nothing to validate on")
-    else:
+    return train_set, val_set
+
+
+def load_data(photos: tuple[ImageFolder, ImageFolder | None], data_dir: Path, image_size: int, batch_size: int,
+              workers: int, stream: bool, seed: int, run: Run) -> Data:
+    """Decode the photos (or set up their streaming) for training at image_size."""
+    train_set, val_set = photos
+    if run.world > 1:
+        run.say(f"{run.world} processes x batch {batch_size}")
+    cache_dir = None if stream else data_dir / CACHE_FOLDER
+    val = None
+    if val_set is not None:
         images, labels = decode_once(val_set.samples, nin.eval_tensor, image_size, workers, "val", cache_dir, run)
         val = images.to(run.device), labels.to(run.device)
     if stream:
@@ -313,6 +350,11 @@ def load_data(data_dir: Path, image_size: int, batch_size: int, workers: int, st
         images, labels = decode_once(train_set.samples, train_tensor, image_size, workers, "train", cache_dir, run)
         training = CachedTraining(images.to(run.device), labels.to(run.device), batch_size, seed, run)
     return Data(train_set.classes, training, val)
+
+
+def make_model(num_classes: int, args: argparse.Namespace) -> nin.NiN:
+    return nin.NiN(num_classes, dropout=None if args.faithful else args.dropout, faithful=args.faithful,
+                   head_width=args.head_width or None)
 
 
 def find_images(split_dir: Path) -> ImageFolder:
@@ -397,12 +439,17 @@ def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, wo
     return images, labels
 
 
+def steps_per_epoch(photos: int, batch_size: int, world: int) -> int:
+    """Optimizer steps in an epoch of the cache: the incomplete last batch is dropped."""
+    return max(photos // (batch_size * world), 1)
+
+
 class CachedTraining:
     """The training photos decoded once, on the device: each epoch a fresh shuffle of them, in batches."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, run: Run) -> None:
         self.images, self.labels, self.batch_size, self.seed, self.run = images, labels, batch_size, seed, run
-        self.steps = max(len(labels) // (batch_size * run.world), 1)
+        self.steps = steps_per_epoch(len(labels), batch_size, run.world)
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.labels), self.seed, epoch)
@@ -661,6 +708,197 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss_sum.item() / cm.sum().item(), cm.cpu()
 
 
+# --------------------------------------------------------------------------------------------- the time budget
+
+# What the measurements of 30-minute runs on two CPU cores say a short run needs (bench/RESULTS.md, the CPU
+# route): smaller images, more steps of a smaller batch, no mixing, stronger label smoothing and weight decay.
+SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
+                "label_smoothing": 0.2, "weight_decay": 1e-3}
+# A budget that fits fewer epochs of the default recipe than this gets the short recipe: mixup and CutMix only
+# pay in long runs (bench/RESULTS.md).
+MIN_DEFAULT_EPOCHS = 60
+PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs saving, drawing and noise
+VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
+VAL_LAST_EPOCHS = 3  # ... but the last epochs are always validated
+TIMED_STEPS = 2  # per training size, after one untimed step (cuDNN chooses its algorithms on the first)
+
+
+def parse_duration(text: str) -> float:
+    """--time: 90s, 30m, 1h30m, 2h ... in seconds."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
+    if not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m or 1h30m")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total == 0:
+        raise argparse.ArgumentTypeError("a duration must be longer than 0 s")
+    return float(total)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def validates(epoch: int, epochs: int, every: int) -> bool:
+    """Whether an epoch is followed by validation: every `every`-th, and always the last few."""
+    return epoch % every == 0 or epoch > epochs - VAL_LAST_EPOCHS
+
+
+@dataclass
+class Pace:
+    """Seconds per training step at each training size, and per validation pass, measured on this machine."""
+
+    step: dict[int, float]
+    val: float
+
+    def seconds(self, args: argparse.Namespace, steps: int, first_epoch: int = 1) -> float:
+        """What epochs first_epoch..args.epochs of this run should take, validation included."""
+        return sum(self.training(args, steps, epoch) + (self.val if validates(epoch, args.epochs, args.val_every)
+                                                           else 0.0) for epoch in range(first_epoch, args.epochs + 1))
+
+    def training(self, args: argparse.Namespace, steps: int, epoch: int) -> float:
+        """What the training part of one epoch should take."""
+        return steps * self.step[training_size(epoch, args.epochs, args.start_size, args.image_size)]
+
+
+def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_photos: int, run: Run) -> Pace:
+    """A few timed steps of a throwaway network on random images at each training size of the run, and one
+    timed validation batch. The random-number streams are put back afterwards, so the run is the same as
+    without the measurement."""
+    batch = per_process_batch(args, run)
+    sizes = sorted({training_size(e, args.epochs, args.start_size, args.image_size) for e in range(1, args.epochs + 1)})
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        learner = Learner(make_model(num_classes, args), args, steps, run)
+        side = nin.resize_size(args.image_size)
+        images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=run.device)
+        labels = torch.randint(0, num_classes, (batch,), device=run.device)
+        step = {size: timed(lambda size=size: learner.step(images, labels, size), run) for size in sizes}
+        if val_photos == 0:
+            return Pace(step, 0.0)
+        n = min(val_photos, 128)
+        val_images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                                   device=run.device)
+        batch_seconds = timed(lambda: evaluate(learner.final, val_images, labels[:1].expand(n), num_classes, run),
+                              run)
+    return Pace(step, batch_seconds * val_photos / n)
+
+
+def timed(work, run: Run) -> float:
+    """Seconds per call of work(), over TIMED_STEPS calls after an untimed one."""
+    def sync() -> None:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+
+    work()
+    sync()
+    start = time.perf_counter()
+    for _ in range(TIMED_STEPS):
+        work()
+    sync()
+    return (time.perf_counter() - start) / TIMED_STEPS
+
+
+def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[ImageFolder, ImageFolder | None],
+                    clock: Clock, run: Run) -> tuple[argparse.Namespace, Pace]:
+    """The settings that fill --time here: the default recipe with as many epochs as fit (at most its own),
+    or, when fewer than MIN_DEFAULT_EPOCHS of it fit, the short recipe with as many epochs as fit. Flags
+    given on the command line are kept in both. Decoding is estimated from a sample of photos."""
+    train_set, val_set = photos
+    num_classes, val_photos = len(train_set.classes), len(val_set or [])
+    short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
+    for name, recipe in (("default", {}), ("short", short)):
+        candidate = argparse.Namespace(**{**vars(args), **recipe, "epochs": EPOCHS})
+        steps = steps_per_epoch(len(train_set), per_process_batch(candidate, run), run.world)
+        pace = measure_pace(candidate, num_classes, steps, val_photos, run)
+        decoding = estimate_decoding(train_set, val_set, candidate.image_size, candidate.workers)
+        available = PLAN_SHARE * args.time - clock.spent() - decoding
+        fitted = fit_epochs(candidate, pace, steps, available, args.time)
+        if fitted is not None and (name == "short" or fitted.epochs >= MIN_DEFAULT_EPOCHS):
+            break
+    if fitted is None:
+        one_epoch = steps * min(pace.step.values()) + pace.val
+        raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: decoding takes about "
+                           f"{format_duration(decoding)} and one epoch about {format_duration(one_epoch)}")
+    run.say(f"--time {format_duration(args.time)}: the {name} recipe, {fitted.epochs} epochs at "
+            f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
+            + ("every epoch" if fitted.val_every == 1 else f"every {fitted.val_every} epochs and the last "
+               f"{VAL_LAST_EPOCHS}") + f" (about {format_duration(decoding)} to decode first)")
+    return fitted, pace
+
+
+def fit_epochs(candidate: argparse.Namespace, pace: Pace, steps: int, available: float,
+               budget: float) -> argparse.Namespace | None:
+    """The candidate with the most epochs (up to EPOCHS) whose training and validation fit in `available`
+    seconds, validating as often as VAL_SHARE of the budget allows; None if not even one epoch fits."""
+    fitted = None
+    for epochs in range(1, EPOCHS + 1):
+        every = max(1, math.ceil(epochs * pace.val / (VAL_SHARE * budget)))
+        trial = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
+        if pace.seconds(trial, steps) > available:
+            break
+        fitted = trial
+    return fitted
+
+
+def estimate_decoding(train_set: ImageFolder, val_set: ImageFolder | None, image_size: int, workers: int) -> float:
+    """Seconds to decode the photos at this size: near nothing when train.py's cache holds them already, else
+    timed on a sample."""
+    sample = train_set.samples[:: max(len(train_set) // 16, 1)][:16]
+    start = time.perf_counter()
+    nin.decode_images([path for path, _ in sample], train_tensor, image_size, workers, "timing", progress=False)
+    per_photo = (time.perf_counter() - start) / len(sample)
+    return per_photo * (len(train_set) + len(val_set or []))
+
+
+class Clock:
+    """The run's wall time: since this process started, plus earlier runs of the same training (--resume);
+    the prediction made before the first epoch, and the --time limit."""
+
+    def __init__(self) -> None:
+        self.started, self.spent_before, self.predicted = time.monotonic(), 0.0, 0.0
+        self.slowness: list[float] = []  # each epoch's training time over the measured pace's
+
+    def spent(self) -> float:
+        return self.spent_before + time.monotonic() - self.started
+
+    def predict(self, pace: Pace, args: argparse.Namespace, steps: int, done_epochs: int, run: Run) -> None:
+        """Print what the whole run should take, from the measured pace."""
+        self.predicted = self.spent() + pace.seconds(args, steps, done_epochs + 1)
+        hint = ""
+        if args.time is None and self.predicted > 3600:
+            hint = "; `--time 30m` trains the best model that fits in 30 minutes"
+        within = "" if args.time is None else f" of the {format_duration(args.time)} allowed"
+        run.say(f"this run should take about {format_duration(self.predicted)}{within} here{hint}")
+
+    def out_of_time(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
+                    run: Run) -> bool:
+        """--time: whether the epochs left would end past the limit at the pace of the last epochs (the
+        machine may have slowed down). Then this epoch becomes the last, and the run ends on time with the
+        weights it has: stopping early keeps the schedule laid out in epochs, the same on every machine and
+        after --resume, where a schedule driven by the clock would not be. The same answer in every process."""
+        if args.time is None:
+            return False
+        self.slowness.append(train_seconds / pace.training(args, steps, epoch))
+        # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
+        slowdown = max(statistics.median(self.slowness[1:][-3:]), 1.0) if len(self.slowness) > 1 else 1.0
+        left = slowdown * (pace.val + pace.seconds(args, steps, epoch + 1))
+        stop = torch.tensor(float(self.spent() + left > args.time), device=run.device)
+        if all_reduce_sum(stop).item() == 0:
+            return False
+        run.say(f"stopping after epoch {epoch} of {args.epochs}: at this pace the rest would end past --time "
+                f"{format_duration(args.time)}", write=tqdm.write)
+        return True
+
+    def report(self, epochs_done: int, args: argparse.Namespace) -> str:
+        spent = self.spent()
+        limit = "" if args.time is None else f"; --time {format_duration(args.time)}"
+        return (f"took {format_duration(spent)}, predicted {format_duration(self.predicted)} "
+                f"({100 * (spent / self.predicted - 1):+.0f} %){limit}")
+
+
 # --------------------------------------------------------------------------------------------- records
 
 
@@ -707,7 +945,7 @@ class Progress:
 
     def best_row(self) -> dict:
         """The first epoch with the highest val accuracy."""
-        return max(self.history, key=lambda h: h["val_acc"])
+        return max((h for h in self.history if h["val_acc"] != ""), key=lambda h: h["val_acc"])
 
 
 class Saver:
@@ -715,8 +953,8 @@ class Saver:
     process: after the last epoch, and after any other once SAVE_SECONDS have passed since the last save."""
 
     def __init__(self, args: argparse.Namespace, classes: list[str], keep_last: bool, saved_epoch: int,
-                 run: Run) -> None:
-        self.args, self.classes, self.keep_last, self.run = args, classes, keep_last, run
+                 clock: Clock, run: Run) -> None:
+        self.args, self.classes, self.keep_last, self.clock, self.run = args, classes, keep_last, clock, run
         self.checkpoint = args.out_dir / "checkpoint.pth"
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
         self.unsaved_best: torch.nn.Module | None = None  # the best epoch's weights while they wait for a save
@@ -737,6 +975,7 @@ class Saver:
             self.unsaved_best = None
         nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
                         "best_confusion": progress.best_cm, "history": progress.history, "classes": self.classes,
+                        "seconds_spent": self.clock.spent(),
                         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}},
                        self.checkpoint)
         self.saved_epoch, self.saved_at = progress.epoch, time.monotonic()
@@ -790,9 +1029,10 @@ def save_curves(progress: Progress, path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
     validated = progress.best_cm is not None
-    for split, style in (("train", "-"), ("val", "-o"))[:1 + validated]:
-        loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, markersize=3, label=split)
-        acc_ax.plot(epochs, [h[f"{split}_acc"] for h in history], style, markersize=3, label=split)
+    for split, style in (("train", "-"), ("val", "o-"))[:1 + validated]:
+        for ax, column in ((loss_ax, f"{split}_loss"), (acc_ax, f"{split}_acc")):
+            shown = [(h["epoch"], h[column]) for h in history if h[column] != ""]  # epochs without validation
+            ax.plot(*zip(*shown, strict=True), style, markersize=3, label=split)
     if validated:
         best = progress.best_row()
         acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import shutil
 import signal
@@ -391,3 +392,83 @@ def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
     resumed = torchrun_two_processes("--resume", "--out-dir", out, "--device", "cpu", cwd=tmp_path)
     assert resumed.stdout.count("resumed") == 1 and "after epoch 8" in resumed.stdout
     assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == list(range(1, 10))
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("30m", 1800), ("1h30m", 5400), ("2h", 7200), ("1m5s", 65)])
+def test_durations(text, seconds):
+    import train
+
+    assert train.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "30 min", "1.5h", "m", "0s", "-5m", "5m1h"])
+def test_bad_durations_are_one_line_errors(tmp_path, text):
+    assert_clean_error(run("train.py", "--time", text, cwd=tmp_path, check=False), "--time")
+
+
+def test_time_and_epochs_together_are_refused(tmp_path):
+    assert_clean_error(run("train.py", "--time", "30m", "--epochs", "5", cwd=tmp_path, check=False), "not both")
+
+
+def synthetic_pace(step: float, val: float):
+    import train
+
+    return train.Pace({size: step * size / 160 for size in range(64, 161, 16)}, val)
+
+
+def test_a_plan_fills_its_budget_and_validates_less_when_validation_is_dear():
+    import train
+
+    args = train.parse_args(["--image-size", "160", "--start-size", "112"])
+    pace, steps, available = synthetic_pace(step=0.5, val=4.0), 20, 1000.0
+    plan = train.fit_epochs(args, pace, steps, available, budget=1000 / train.PLAN_SHARE)
+    assert pace.seconds(plan, steps) <= available  # it fits...
+    longer = argparse.Namespace(**{**vars(plan), "epochs": plan.epochs + 1})
+    assert pace.seconds(longer, steps) > available  # ...and one more epoch would not
+    assert 50 < plan.epochs < 120 and plan.val_every > 1  # 4 s a validation is too dear to do after every epoch
+    validated = [e for e in range(1, plan.epochs + 1) if train.validates(e, plan.epochs, plan.val_every)]
+    assert len(validated) * pace.val <= train.VAL_SHARE * 1000 / train.PLAN_SHARE + train.VAL_LAST_EPOCHS * pace.val
+    assert validated[-3:] == [plan.epochs - 2, plan.epochs - 1, plan.epochs]  # the last epochs always
+    assert train.fit_epochs(args, pace, steps, available=5.0, budget=5.0) is None  # not even one epoch
+
+
+@pytest.mark.parametrize("step,recipe", [(0.01, "default"), (20.0, "short")])
+def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, step, recipe):
+    import train
+
+    monkeypatch.setattr(train, "measure_pace", lambda args, *rest: synthetic_pace(step, val=0.1))
+    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
+    run_ = train.Run(torch.device("cpu"), 0, 1, torch.autocast("cpu", enabled=False),
+                     torch.amp.GradScaler("cpu", enabled=False))
+    photos = (train.find_images(split_data_dir / "train"), train.find_val_images(split_data_dir / "val"))
+    argv = ["--time", "10m", "--weight-decay", "2e-3"]
+    args, _ = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), run_)
+    assert args.weight_decay == 2e-3  # given on the command line: kept
+    if recipe == "default":  # 120 epochs of 2 steps at 0.01 s fit in 10 minutes
+        assert (args.epochs, args.image_size, args.mixup, args.batch_size) == (120, 160, 0.2, 64)
+    else:  # 20 s a step: too few epochs of the default recipe, so the short one, with what fits of it
+        assert (args.image_size, args.start_size, args.batch_size, args.mixup, args.cutmix,
+                args.label_smoothing) == (112, 80, 32, 0.0, 0.0, 0.2)
+        assert args.epochs < train.EPOCHS
+
+
+def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp_path):
+    """The feature's contract: a real --time run ends within its budget, plus a fixed allowance of 15 s for
+    starting Python and importing torch, which happen before train.py can look at a clock."""
+    flags = ["--data-dir", split_data_dir, "--image-size", "64", "--workers", "2", "--out-dir", tmp_path / "run",
+             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json"]
+    start = time.monotonic()
+    result = run("train.py", "--time", "60s", *flags, cwd=tmp_path, process=True)
+    assert time.monotonic() - start < 60 + 15
+    assert "should take about" in result.stdout and "took " in result.stdout
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    planned = checkpoint["args"]["epochs"]
+    assert checkpoint["args"]["time"] == 60 and 3 < planned <= 120 and checkpoint["seconds_spent"] <= 60
+
+    checkpoint["epoch"], checkpoint["history"] = 1, checkpoint["history"][:1]  # as if cut after epoch 1...
+    checkpoint["seconds_spent"] = 59.0  # ...with one second of the budget left
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pth")
+    resumed = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path)
+    assert f"stopping after epoch 2 of {planned}" in resumed.stdout
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
+    assert read_metrics(tmp_path / "run" / "metrics.csv")[-1]["val_acc"] != ""  # the last epoch is validated
