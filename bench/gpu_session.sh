@@ -7,7 +7,9 @@
 #
 # 1. 5-fold cross-validation of the default recipe (`python train.py`), the 5 folds at once on the one GPU;
 # 2. at the same time, the weights to ship: the default recipe on every photo (split_data.py --val-ratio 0);
-# 3. the tables, logs and the new NiN.pth into OUT. Stops itself SECONDS (default 540) after it starts.
+# 3. `python train.py --time 60s` on the default split of the squares: what a minute buys on a GPU, and how far
+#    the run's predicted wall time is from the actual one;
+# 4. the tables, logs and the new NiN.pth into OUT. Stops itself SECONDS (default 540) after it starts.
 # Then, here: python predict.py test_img/*.jpg --weights OUT/NiN.pth --class-idx OUT/class_idx.json
 set -u
 DATA=${1:?SQUARES_DIR}; OUT=${2:?OUT_DIR}; BUDGET=${3:-540}
@@ -34,6 +36,15 @@ ALL=$RUNS/all
  echo "all photos: exit $?, wall $((SECONDS - T0)) s" >> $ALL.log) &
 timeout $(( $(left) - 20 )) python3 bench/cv.py --source "$DATA" --folds 5 --parallel 5 --out $RUNS/cv-default
 wait
+
+phase "python train.py --time 60s (default split of the squares)"
+T0=$SECONDS
+python3 split_data.py --source "$DATA" --out $RUNS/split > /dev/null 2>&1
+timeout $(( $(left) - 15 )) python3 train.py --time 60s --data-dir $RUNS/split --out-dir $RUNS/time60 \
+  --weights $RUNS/time60/NiN.pth --class-idx $RUNS/time60/class_idx.json > $RUNS/time60.log 2>&1
+echo "exit $?, wall $((SECONDS - T0)) s (the split included)"
+tr '\r' '\n' < $RUNS/time60.log | grep -v 'batch/s' | grep -v '^epoch ' | tail -n 14
+cp $RUNS/time60/metrics.csv "$OUT/time60-metrics.csv" 2>/dev/null
 
 phase "results"
 tr '\r' '\n' < $ALL.log | grep -v 'batch/s' | tail -n 8
