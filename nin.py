@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import inspect
 import json
 import os
 import sys
@@ -34,8 +35,11 @@ from tqdm import tqdm
 IMAGE_SIZE = 160  # the side of the square the network sees (train.py --image-size, predict.py reads it from NiN.pth)
 # Width inside the last mlpconv block (0: num_classes, the usual narrow layout; the paper's ImageNet net: 1024).
 HEAD_WIDTH = 512
-# The smallest input for which the three 3x3/2 poolings still leave one pixel.
+MAX_HEAD_WIDTH = 4096  # 8 times the default: beyond it the last block alone would need gigabytes
+# The smallest input for which the three 3x3/2 poolings still leave one pixel, and a largest one that a
+# photo classifier has any use for (memory grows with its square).
 MIN_IMAGE_SIZE = 63
+MAX_IMAGE_SIZE = 1024
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -146,6 +150,10 @@ def load_image(path: str | os.PathLike, short_side: int | None = None) -> Image.
     the resize that follows. Whatever goes wrong with the file (missing, truncated, not an image, a
     decompression bomb, or any of the many errors PIL raises on damaged data) is raised as UnreadableImage.
     """
+    if not os.path.isfile(path):  # a FIFO or a device would block open() forever; a dangling link is missing
+        reason = "not found" if not os.path.lexists(path) else "a dangling link" if os.path.islink(path) and \
+            not os.path.exists(path) else "not a regular file"
+        raise UnreadableImage(f"{path}: {reason}")
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:  # checked on the header, before any decoding
@@ -228,10 +236,10 @@ def load_class_names(path: str | os.PathLike) -> list[str]:
         raise CLIError(f"class index not found: {path} (train.py writes it)")
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CLIError(f"{path} is not valid JSON: {error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as error:  # nesting, huge numbers
+        raise CLIError(f"{path} is not valid JSON: {str(error)[:200]}") from None
     if (not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values())
-            or sorted(mapping, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(mapping))]):
+            or set(mapping) != {str(i) for i in range(len(mapping))}):
         raise CLIError(f'{path} must map "0", "1", ... to class names, like {{"0": "daisy", "1": "dandelion"}}')
     return [mapping[str(i)] for i in range(len(mapping))]
 
@@ -258,14 +266,26 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     Returns the model in eval mode, its class names and the image size it was trained at.
     """
     saved = load_torch(path, "weights")
-    if not {"model", "config", "classes", "image_size"} <= saved.keys():
+    config, classes, image_size = saved.get("config"), saved.get("classes"), saved.get("image_size")
+    if not (isinstance(saved.get("model"), dict) and isinstance(config, dict) and isinstance(classes, list)
+            and isinstance(image_size, int)):
         raise CLIError(f"{path} is not a NiN.pth written by train.py")
-    model = NiN(**saved["config"])
+    known = set(inspect.signature(NiN).parameters)
+    if not set(config) <= known or not isinstance(config.get("num_classes"), int):
+        raise CLIError(f"{path}: its architecture settings are not NiN's (expected some of {sorted(known)})")
+    if len(classes) != config["num_classes"] or not all(isinstance(c, str) for c in classes):
+        raise CLIError(f"{path}: {config['num_classes']} outputs but {len(classes)} class names")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise CLIError(f"{path}: image size {image_size} is outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+    if not all(t.isfinite().all() for t in saved["model"].values() if isinstance(t, torch.Tensor)
+               and t.is_floating_point()):
+        raise CLIError(f"{path} holds NaN or infinite weights (a diverged training run?)")
     try:
+        model = NiN(**config)
         model.load_state_dict(saved["model"])
-    except RuntimeError as error:
-        raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0]}") from None
-    return model.to(device).eval(), list(saved["classes"]), int(saved["image_size"])
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0][:200]}") from None
+    return model.to(device).eval(), list(classes), image_size
 
 
 # ----------------------------------------------------------------------------------------------------- reports
@@ -345,6 +365,9 @@ class CLIError(Exception):
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main(), turning CLIError into a one-line message and exit code 2 (argparse's)."""
     name = Path(sys.argv[0]).name
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 are printed escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         main()
     except CLIError as error:
@@ -395,7 +418,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make NiN.pth private to its writer
-        with os.fdopen(fd, mode) as f:
+        # Text keeps file names that are not UTF-8 as their original bytes (surrogateescape), never a crash.
+        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(fd, mode, **text) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -454,12 +479,12 @@ def main() -> None:
     parser.add_argument("--head-width", type=int, default=HEAD_WIDTH,
                         help="width inside the last block; 0: num_classes (default: %(default)s)")
     args = parser.parse_args()
-    if args.image_size < MIN_IMAGE_SIZE:
-        parser.error(f"--image-size must be at least {MIN_IMAGE_SIZE}")
-    if args.num_classes < 1:
-        parser.error("--num-classes must be at least 1")
-    if args.head_width < 0:
-        parser.error("--head-width must not be negative")
+    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        parser.error(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
+    if not 1 <= args.num_classes <= MAX_HEAD_WIDTH:
+        parser.error(f"--num-classes must be between 1 and {MAX_HEAD_WIDTH}")
+    if not 0 <= args.head_width <= MAX_HEAD_WIDTH:
+        parser.error(f"--head-width must be between 0 and {MAX_HEAD_WIDTH}")
     model = NiN(args.num_classes, faithful=args.faithful, head_width=args.head_width or None)
     print(describe(model, args.image_size))
 

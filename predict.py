@@ -166,6 +166,11 @@ def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[dict]:
 # --------------------------------------------------------------------------------------------- figures
 
 
+def shown_name(path: Path) -> str:
+    """A file name a figure can draw: bytes that are not UTF-8 are written as escapes."""
+    return path.name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def overlay(ax, result: dict, heatmap: bool, label: int) -> None:
     """The photo, and if asked the class map of `label`, upsampled, as a translucent heat map on top."""
     image = result["image"]
@@ -187,7 +192,7 @@ def single_figure(result: dict, classes: list[str], k: int, heatmap: bool):
     top = top_k(result["probs"], classes, k)
     fig, (image_ax, bar_ax) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1, 1.2]})
     overlay(image_ax, result, heatmap, classes.index(top[0]["class"]))
-    image_ax.set_title(f"{result['path'].name}: {top[0]['class']} {top[0]['probability']:.0%}"
+    image_ax.set_title(f"{shown_name(result['path'])}: {top[0]['class']} {top[0]['probability']:.0%}"
                        + (" (heat map of that class)" if heatmap else ""), fontsize=9)
     names = [t["class"] for t in top][::-1]
     values = [t["probability"] for t in top][::-1]
@@ -213,7 +218,7 @@ def grid_figure(results: list[dict], classes: list[str], heatmap: bool, titles: 
     for i, (ax, result) in enumerate(zip(axes.flat, shown, strict=False)):
         best = int(result["probs"].argmax())
         overlay(ax, result, heatmap, best)
-        title = titles[i] if titles else f"{result['path'].name}\n{classes[best]} {result['probs'][best]:.0%}"
+        title = titles[i] if titles else f"{shown_name(result['path'])}\n{classes[best]} {result['probs'][best]:.0%}"
         ax.set_title(title, fontsize=8)
     if len(results) > GRID_MAX:
         fig.suptitle(f"first {GRID_MAX} of {len(results)} images (all are in the CSV)", fontsize=9)

@@ -194,22 +194,26 @@ def arg_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = arg_parser()
     args = p.parse_args(argv)
-    checks = [(args.epochs >= 1, "--epochs must be at least 1"),
-              (args.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two images)"),
-              (args.lr > 0, "--lr must be positive"),
-              (args.weight_decay >= 0, "--weight-decay must not be negative"),
+    # Every number has a range; inf and nan are outside every one of them.
+    checks = [(1 <= args.epochs <= 100_000, "--epochs must be between 1 and 100000"),
+              (2 <= args.batch_size <= 65_536, "--batch-size must be between 2 (batch norm needs 2) and 65536"),
+              (0 < args.lr <= 10, "--lr must be above 0 and at most 10"),
+              (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+              (0 <= args.weight_decay <= 1, "--weight-decay must be in [0, 1]"),
               (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
               (0 < args.min_crop_scale <= 1, "--min-crop-scale must be in (0, 1]"),
-              (args.image_size >= nin.MIN_IMAGE_SIZE, f"--image-size must be at least {nin.MIN_IMAGE_SIZE}"),
-              (args.start_size == 0 or args.start_size >= nin.MIN_IMAGE_SIZE,
-               f"--start-size must be 0 (off) or at least {nin.MIN_IMAGE_SIZE}"),
+              (nin.MIN_IMAGE_SIZE <= args.image_size <= nin.MAX_IMAGE_SIZE,
+               f"--image-size must be between {nin.MIN_IMAGE_SIZE} and {nin.MAX_IMAGE_SIZE}"),
+              (args.start_size == 0 or nin.MIN_IMAGE_SIZE <= args.start_size <= nin.MAX_IMAGE_SIZE,
+               f"--start-size must be 0 (off) or between {nin.MIN_IMAGE_SIZE} and {nin.MAX_IMAGE_SIZE}"),
               (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-              (args.head_width >= 0, "--head-width must not be negative"),
-              (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must not be negative"),
+              (0 <= args.head_width <= nin.MAX_HEAD_WIDTH, f"--head-width must be between 0 and {nin.MAX_HEAD_WIDTH}"),
+              (0 <= args.mixup <= 100 and 0 <= args.cutmix <= 100, "--mixup and --cutmix must be between 0 and 100"),
               (0 <= args.ema < 1, "--ema must be in [0, 1)"),
-              (args.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
-              (args.step_epochs >= 1, "--step-epochs must be at least 1"),
-              (args.workers >= 0, "--workers must not be negative"),
+              (0 <= args.warmup_epochs <= 100_000, "--warmup-epochs must be between 0 and 100000"),
+              (1 <= args.step_epochs <= 100_000, "--step-epochs must be between 1 and 100000"),
+              (0 <= args.seed < 2**31, "--seed must be between 0 and 2147483647"),
+              (0 <= args.workers <= 256, "--workers must be between 0 and 256"),
               (args.time is None or "epochs" not in explicit_flags(argv if argv is not None else sys.argv[1:]),
                "give --time or --epochs, not both: --time chooses the epochs")]
     for ok, message in checks:
@@ -231,6 +235,9 @@ def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     if not args.resume:
         return args, None
     checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")
+    if not {"model", "optimizer", "scheduler", "epoch", "history", "args"} <= checkpoint.keys():
+        raise nin.CLIError(f"{args.out_dir / 'checkpoint.pth'} is not a checkpoint written by train.py "
+                           f"(NiN.pth holds weights only: it cannot be resumed)")
     here = {"device": args.device, "workers": args.workers}
     resumed = argparse.Namespace(**{**vars(args), **BEFORE_FLAG_EXISTED, **checkpoint["args"], **here})
     for name in ("data_dir", "weights", "class_idx", "out_dir"):
@@ -423,8 +430,12 @@ def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, wo
     """decode_all, remembered in cache_dir under a key made of the file list (names, sizes, times) and size."""
     key = hashlib.sha256(f"{to_tensor.__name__}:{image_size}".encode())
     for path, label in samples:
-        st = os.stat(path)
-        key.update(f"{path}:{label}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a dangling link or a loop: skipped with a warning when decoded
+            size = mtime = 0
+        key.update(f"{path}:{label}:{size}:{mtime}\n".encode(errors="surrogateescape"))
     cache_file = cache_dir / f"{desc}-{image_size}px-{key.hexdigest()[:16]}.pt"
     if cache_file.is_file():
         try:
@@ -687,6 +698,9 @@ def train_one_epoch(learner: Learner, batches: Iterable[tuple[torch.Tensor, torc
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             img_s=f"{totals[2].item() / (time.perf_counter() - start):.0f}/process")
     loss_sum, correct, seen = all_reduce_sum(totals).tolist()
+    if not math.isfinite(loss_sum):  # the weights are lost: stop before they can be saved over good ones
+        raise nin.CLIError(f"the training loss became {loss_sum} in {desc.split(' (')[0]}; nothing of that epoch "
+                           f"was saved: try a lower --lr")
     return loss_sum / seen, correct / seen
 
 

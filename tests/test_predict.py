@@ -256,3 +256,62 @@ def test_fuzzed_files_never_show_a_traceback(tmp_path):
     assert result.returncode == 0 and "Traceback" not in result.stderr
     classified, skipped = len(json.loads(result.stdout)), result.stderr.count("warning: skipped")
     assert classified >= 1 and skipped > 0 and classified + skipped == 26
+
+
+def doctored(trained, tmp_path, change) -> Path:
+    """A copy of the trained NiN.pth with change(saved) applied."""
+    saved = torch.load(trained["weights"], weights_only=True)
+    change(saved)
+    torch.save(saved, tmp_path / "doctored.pth")
+    return tmp_path / "doctored.pth"
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda s: s["config"].update(colour="blue"), "not NiN's"),
+    (lambda s: s.update(config=[3]), "not a NiN.pth"),
+    (lambda s: s.update(classes="blue"), "not a NiN.pth"),
+    (lambda s: s.update(classes=["blue", "green"]), "3 outputs but 2 class names"),
+    (lambda s: s.update(image_size="64"), "not a NiN.pth"),
+    (lambda s: s.update(image_size=20000), "image size 20000"),
+    (lambda s: s["model"]["features.0.0.weight"].fill_(float("nan")), "NaN or infinite weights"),
+])
+def test_weights_from_elsewhere_are_one_line_errors(trained, photos, tmp_path, change, named):
+    weights = doctored(trained, tmp_path, change)
+    result = run("predict.py", photos[("red", "RGB")], "--weights", weights, "--class-idx", trained["class_idx"],
+                 "--json", cwd=tmp_path, check=False)
+    assert_clean_error(result, named)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"' + "9" * 5000 + '": "a"}'])
+def test_class_index_bombs_are_one_line_errors(trained, photos, tmp_path, text):
+    (tmp_path / "c.json").write_text(text)
+    result = run("predict.py", photos[("red", "RGB")], "--weights", trained["weights"], "--class-idx",
+                 tmp_path / "c.json", cwd=tmp_path, check=False)
+    assert_clean_error(result, "c.json")
+    assert len(result.stderr) < 1000
+
+
+def test_special_files_are_skipped_never_waited_on(trained, photos, tmp_path):
+    """A FIFO named like a photo would block open() forever: it is not a regular file, so it is no image."""
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    result = run("predict.py", fifo, photos[("red", "RGB")], "--json", "--weights", trained["weights"],
+                 "--class-idx", trained["class_idx"], cwd=tmp_path, process=True)
+    assert "pipe.jpg: not a regular file" in result.stderr and len(json.loads(result.stdout)) == 1
+    alone = run("predict.py", fifo, "--weights", trained["weights"], "--class-idx", trained["class_idx"],
+                cwd=tmp_path, check=False, process=True)
+    assert_clean_error(alone, "not a regular file")
+
+
+def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
+    import os
+
+    name = os.fsencode(tmp_path) + b"/fleur-\xe9t\xe9.jpg"  # Latin-1, as an old camera or archive may write
+    with open(name, "wb") as f:
+        f.write(photos[("red", "RGB")].read_bytes())
+    for flags in ([], ["--json"]):
+        result = run("predict.py", os.fsdecode(name), *flags, "--weights", trained["weights"], "--class-idx",
+                     trained["class_idx"], "--save", tmp_path / "p.png", cwd=tmp_path, process=True)
+        assert "fleur-" in result.stdout and "Traceback" not in result.stderr

@@ -315,7 +315,10 @@ def test_half_swapped_split_is_refused(tmp_path, split_data_dir):
 @pytest.mark.parametrize("flag,value", [("--epochs", "-1"), ("--batch-size", "0"), ("--image-size", "32"),
                                         ("--lr", "0"), ("--min-crop-scale", "1.5"), ("--head-width", "-1"),
                                         ("--mixup", "-0.2"), ("--ema", "1"), ("--start-size", "32"),
-                                        ("--device", "cuda:99")])
+                                        ("--device", "cuda:99"), ("--lr", "inf"), ("--lr", "nan"),
+                                        ("--momentum", "-1"), ("--momentum", "1"), ("--warmup-epochs", "inf"),
+                                        ("--seed", str(2**70)), ("--head-width", "1000000"),
+                                        ("--image-size", "100000"), ("--weight-decay", "nan"), ("--cutmix", "inf")])
 def test_nonsense_flags_are_refused(tmp_path, flag, value):
     assert_clean_error(run("train.py", flag, value, cwd=tmp_path, check=False), flag)
 
@@ -472,3 +475,34 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     assert f"stopping after epoch 2 of {planned}" in resumed.stdout
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
     assert read_metrics(tmp_path / "run" / "metrics.csv")[-1]["val_acc"] != ""  # the last epoch is validated
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_good_weights(split_data_dir, tmp_path, monkeypatch):
+    weights = tmp_path / "NiN.pth"
+    weights.write_bytes(b"the good weights of an earlier run")
+    monkeypatch.setattr(nin, "normalize", lambda batch: torch.full(batch.shape, float("nan")))  # a diverged run
+    result = run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--epochs", "2", "--weights", weights,
+                 "--class-idx", tmp_path / "c.json", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
+    assert_clean_error(result, "the training loss became nan in epoch 1", "--lr")
+    assert weights.read_bytes() == b"the good weights of an earlier run"
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_weights_file_given_as_a_checkpoint_to_resume(trained, tmp_path):
+    (tmp_path / "run").mkdir()
+    shutil.copy(trained["weights"], tmp_path / "run" / "checkpoint.pth")
+    result = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
+    assert_clean_error(result, "not a checkpoint written by train.py")
+
+
+def test_special_files_and_dangling_links_among_the_photos_are_skipped(tmp_path, split_data_dir):
+    import os
+
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    os.mkfifo(data / "train" / "red" / "pipe.jpg")  # would block open() forever
+    (data / "train" / "red" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--epochs", "1", "--out-dir", tmp_path / "run",
+                 "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path)
+    assert "pipe.jpg: not a regular file" in result.stderr and "gone.jpg: a dangling link" in result.stderr
+    assert (tmp_path / "NiN.pth").is_file()
