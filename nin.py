@@ -136,6 +136,13 @@ STD = (0.229, 0.224, 0.225)
 # as an error, so PIL's own check, which only warns below twice its limit, is turned off.
 MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None
+# What counts as a photo in a folder, for all three scripts alike: a file whose name ends like a format PIL
+# opens (and that is a regular file, which load_image checks).
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 class UnreadableImage(ValueError):
@@ -323,10 +330,7 @@ def classification_report(cm: torch.Tensor, classes: list[str]) -> str:
 
 def save_confusion_matrix(cm: torch.Tensor, classes: list[str], path: str | os.PathLike, title: str) -> None:
     """The matrix as a PNG: counts in the cells, colour by share of the true class (row)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: never needs or waits for a display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_for_files()
     shares = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
     size = 1.2 + 0.7 * len(classes)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
@@ -379,6 +383,31 @@ def run_cli(main: Callable[[], None]) -> None:
     except BrokenPipeError:  # output piped into `head` or the like, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush fails silently
         raise SystemExit(1) from None
+    except OSError as error:  # a full disk, a read-only folder, ...: what the machine said, in one line
+        print(f"{name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MemoryError:
+        print(f"{name}: error: out of memory", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse, before any work, a file to be written that cannot be: a folder in its place, or a folder for
+    it that is a file or may not be written to."""
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; give a file name")
+    check_output_folder(path.parent, flag)
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Refuse, before any work, a folder to be written into that cannot be."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{flag}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag}: {existing} may not be written to")
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -428,6 +457,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def pyplot_for_files():
+    """matplotlib.pyplot drawing into files only: it never needs or waits for a display, whatever MPLBACKEND
+    says (an invalid one would stop matplotlib's import)."""
+    os.environ["MPLBACKEND"] = "agg"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:

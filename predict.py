@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import nin
 
@@ -31,8 +30,6 @@ WORKERS = min(8, os.cpu_count() or 1)
 GRID_MAX = 48  # thumbnails in a figure of several images; the CSV has them all
 MISTAKES_SHOWN = 12
 FILE_ONLY_BACKENDS = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
-# Folders are searched for these; a file named on the command line is tried whatever its extension.
-IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=WORKERS, help="decoding threads (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, mps, cpu (default: cuda, else mps, else cpu)")
     args = p.parse_args()
+    if args.save is not None and args.save.suffix.lower().lstrip(".") not in figure_formats():
+        p.error(f"--save {args.save}: not a figure format matplotlib writes ({', '.join(sorted(figure_formats()))})")
     if bool(args.images) == bool(args.eval):
         p.error("give image files or folders, or --eval DIR (not both)")
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
@@ -69,8 +68,25 @@ def parse_args() -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------- inputs
 
 
+def figure_formats() -> set[str]:
+    """The file suffixes matplotlib can save a figure as (png, pdf, svg, ...). Importing it here also turns an
+    invalid MPLBACKEND into a one-line error before any work."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except (ValueError, ImportError) as error:
+        raise nin.CLIError(f"matplotlib cannot start: {str(error).splitlines()[0][:200]}") from None
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """What this run will write can be written: checked before any image is read."""
+    if args.save is not None:
+        nin.check_output_file(args.save, "--save")
+    nin.check_output_folder(args.out_dir, "--out-dir")
+
+
 def find_images(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(f for f in folder.rglob("*") if f.is_file() and nin.is_image_name(f))
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -308,6 +324,9 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
 
 def main() -> None:
     args = parse_args()
+    if not args.json and not args.eval:  # a figure may be shown: an invalid MPLBACKEND is one line now
+        figure_formats()
+    check_outputs(args)
     device = nin.pick_device(args.device)
     model, classes, image_size = load_model(args.weights, args.class_idx, device)
     if args.eval:

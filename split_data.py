@@ -127,15 +127,22 @@ def list_classes(source: Path) -> dict[str, list[Path]]:
         raise nin.CLIError(f"cannot read {source}: {error}") from None
     if not classes:
         raise nin.CLIError(f"{source} has no class folders (expected {source}/<class>/<image>)")
+    if len(classes) < 2:
+        raise nin.CLIError(f"{source} has one class folder ({next(iter(classes))}): a classifier needs at least two")
     return classes
 
 
-def is_readable_image(path: Path) -> bool:
-    """Decode the whole file (at reduced scale: fast), so truncated files are caught too."""
+def is_usable_image(path: Path) -> bool:
+    """Whether train.py will use the file: an image name, and the whole file decodes (at reduced scale: fast,
+    and truncated files are caught too). Warns with the reason when not."""
+    if not nin.is_image_name(path):
+        nin.warn(f"skipped {path}: not named like an image (.jpg, .png, ...), so train.py would not read it")
+        return False
     try:
         nin.load_image(path, short_side=64)
         return True
-    except nin.UnreadableImage:
+    except nin.UnreadableImage as error:
+        nin.warn(f"skipped {error}")
         return False
 
 
@@ -148,7 +155,7 @@ def val_fraction(content_sha256: str, seed: int) -> float:
 def val_fractions(files: Iterable[Path], seed: int, workers: int) -> dict[Path, float | None]:
     """val_fraction of each file, or None for a file that is not a readable image."""
     def fraction(path: Path) -> float | None:
-        return val_fraction(sha256_of(path), seed) if is_readable_image(path) else None
+        return val_fraction(sha256_of(path), seed) if is_usable_image(path) else None
 
     files = list(files)
     with ThreadPoolExecutor(workers) as pool:
@@ -222,10 +229,7 @@ def split_table(classes: dict[str, list[Path]], sides: dict[Path, str | None]) -
 
 
 def check_readable(classes: dict[str, list[Path]], fractions: dict[Path, float | None]) -> None:
-    """Warn about each file that is not an image; refuse a class folder without any."""
-    for f, fraction in fractions.items():
-        if fraction is None:
-            nin.warn(f"skipped {f}: not a readable image")
+    """Refuse a class folder without any usable image (val_fractions has said why each file was skipped)."""
     empty = [name for name, files in classes.items() if all(fractions[f] is None for f in files)]
     if empty:
         raise nin.CLIError(f"no readable images in class folder(s): {', '.join(empty)}")
@@ -276,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     source = args.source or DEFAULT_SOURCE
+    if args.out.resolve().is_relative_to(source.resolve()):  # the next split would read its own output
+        raise nin.CLIError(f"--out {args.out} is inside the source folder {source}: choose another --out")
     if args.source is None and not source.is_dir():
         fetch_flower_photos(source, args.archive)
     classes = list_classes(source)

@@ -39,7 +39,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms.v2 import CutMix, MixUp, RandomChoice
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
@@ -86,7 +85,11 @@ def main() -> None:
     args, checkpoint = resume(parse_args())
     run = start_run(args.device, args.amp)
     torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
+    check_outputs(args)
     photos = find_photos(args.data_dir, run)
+    if checkpoint is not None and checkpoint["classes"] != photos[0].classes:
+        raise nin.CLIError(f"the class folders changed since this run started ({checkpoint['classes'][:10]} -> "
+                           f"{photos[0].classes[:10]}): start a new run instead of --resume")
     pace = None
     if args.time and checkpoint is None:  # --time: the recipe and the epochs that fit, from timed steps here
         args, pace = plan_for_budget(args, explicit_flags(sys.argv[1:]), photos, clock, run)
@@ -229,6 +232,13 @@ def explicit_flags(argv: list[str]) -> set[str]:
     return {action.dest for action in arg_parser()._actions if written & set(action.option_strings)}
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Everything the run will write can be written: checked before decoding and training, not after."""
+    nin.check_output_file(args.weights, "--weights")
+    nin.check_output_file(args.class_idx, "--class-idx")
+    nin.check_output_folder(args.out_dir, "--out-dir")
+
+
 def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     """With --resume: the run's own settings from its checkpoint (only --device and --workers are taken from
     this command line), and the checkpoint itself. Without: the arguments as they are, and None."""
@@ -333,6 +343,8 @@ def find_photos(data_dir: Path, run: Run) -> tuple[ImageFolder, ImageFolder | No
     train_dir, val_dir = data_dir / "train", data_dir / "val"
     train_set, val_set = find_images(train_dir), find_val_images(val_dir)
     check_same_split(train_set, val_set, train_dir, val_dir)
+    if len(train_set.classes) < 2:
+        raise nin.CLIError(f"{train_dir} has one class folder: a classifier needs at least two")
     run.say(f"{len(train_set)} training and {len(val_set or [])} validation images, {len(train_set.classes)} "
             f"classes; device {run.device}")
     if val_set is None:
@@ -355,6 +367,8 @@ def load_data(photos: tuple[ImageFolder, ImageFolder | None], data_dir: Path, im
         training = StreamedTraining(train_set.samples, image_size, batch_size, workers, seed, run)
     else:
         images, labels = decode_once(train_set.samples, train_tensor, image_size, workers, "train", cache_dir, run)
+        if len(labels) < 2:
+            raise nin.CLIError(f"{len(labels)} readable training photo: batch norm needs at least two")
         training = CachedTraining(images.to(run.device), labels.to(run.device), batch_size, seed, run)
     return Data(train_set.classes, training, val)
 
@@ -369,14 +383,14 @@ def find_images(split_dir: Path) -> ImageFolder:
     if not split_dir.is_dir():
         raise nin.CLIError(f"{split_dir} not found: run `python split_data.py` first")
     try:
-        return ImageFolder(split_dir)
+        return ImageFolder(split_dir, is_valid_file=nin.is_image_name)  # what split_data.py and predict.py use
     except OSError as error:  # no class folders, an empty class, a folder we may not read
         raise nin.CLIError(f"{split_dir}: {error}") from None
 
 
 def find_val_images(val_dir: Path) -> ImageFolder | None:
     """find_images for val/, or None when it holds no photos at all (split_data.py --val-ratio 0)."""
-    if val_dir.is_dir() and not any(has_file_allowed_extension(f.name, IMG_EXTENSIONS) for f in val_dir.rglob("*")):
+    if val_dir.is_dir() and not any(nin.is_image_name(f) for f in val_dir.rglob("*")):
         return None
     return find_images(val_dir)
 
@@ -444,9 +458,12 @@ def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, wo
         except (nin.CLIError, KeyError):
             nin.warn(f"ignored a damaged cache file {cache_file}")
     images, labels = decode_all(samples, to_tensor, image_size, workers, desc)
-    for stale in cache_dir.glob(f"{desc}-{image_size}px-*.pt"):
-        stale.unlink(missing_ok=True)
-    nin.save_torch({"images": images, "labels": labels}, cache_file)
+    try:
+        for stale in cache_dir.glob(f"{desc}-{image_size}px-*.pt"):
+            stale.unlink(missing_ok=True)
+        nin.save_torch({"images": images, "labels": labels}, cache_file)
+    except OSError as error:  # a read-only or full data folder: train all the same, decode again next time
+        nin.warn(f"could not keep the decoded photos in {cache_dir} ({error.strerror or error}): training goes on")
     return images, labels
 
 
@@ -1034,9 +1051,7 @@ def summary(progress: Progress, classes: list[str], keep_last: bool, weights: Pa
 
 def save_curves(progress: Progress, path: Path) -> None:
     """Loss, accuracy, learning rate and training size by epoch, as one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: never needs or waits for a display
-    import matplotlib.pyplot as plt
+    plt = nin.pyplot_for_files()
     from matplotlib.ticker import MaxNLocator
 
     history = progress.history

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLOURS, assert_clean_error, draw, mutations, run
+from conftest import COLOURS, ROOT, assert_clean_error, draw, mutations, run
 
 import nin
 
@@ -315,3 +318,25 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
         result = run("predict.py", os.fsdecode(name), *flags, "--weights", trained["weights"], "--class-idx",
                      trained["class_idx"], "--save", tmp_path / "p.png", cwd=tmp_path, process=True)
         assert "fleur-" in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("problem", ["unknown format", "a folder", "inside a file"])
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained, photos, tmp_path, problem):
+    save, named = tmp_path / "figure.png", "is a folder"
+    if problem == "unknown format":
+        save, named = tmp_path / "figure.xyz", "not a figure format"
+    elif problem == "a folder":
+        save.mkdir()
+    else:
+        (tmp_path / "plain").write_text("a file where a folder should be")
+        save, named = tmp_path / "plain" / "figure.png", "is a file, not a folder"
+    result = run("predict.py", photos[("red", "RGB")], "--save", save, "--weights", trained["weights"],
+                 "--class-idx", trained["class_idx"], cwd=tmp_path, check=False)
+    assert_clean_error(result, named)
+
+
+def test_an_invalid_matplotlib_backend_is_one_line(trained, photos, tmp_path):
+    result = subprocess.run([sys.executable, ROOT / "predict.py", photos[("red", "RGB")], "--weights",
+                             trained["weights"], "--class-idx", trained["class_idx"]], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "no-such-backend"})
+    assert_clean_error(result, "matplotlib cannot start")

@@ -290,3 +290,23 @@ def test_download_is_complete_or_absent(tmp_path, monkeypatch, fail_after):
             split_data.download("https://example.invalid/a.tgz", dest)
         assert not dest.exists()
     assert not (tmp_path / "flower_photos.tgz.part").exists()
+
+
+def test_one_class_is_refused(tmp_path):
+    draw(tmp_path / "only" / "red" / "a.jpg", COLOURS["red"], seed=1)
+    assert_clean_error(split(tmp_path / "only", tmp_path / "data", check=False), "at least two")
+    assert not (tmp_path / "data").exists()
+
+
+def test_files_train_py_would_not_read_are_skipped_with_the_reason(source, tmp_path):
+    (source / "red" / "no_extension").write_bytes((source / "red" / "000.jpg").read_bytes())
+    draw(source / "blue" / "animated.gif", COLOURS["blue"], seed=5, mode="P")
+    result = split(source, tmp_path / "data")
+    assert "no_extension: not named like an image" in result.stderr
+    assert "blue/animated.gif" in sides(tmp_path / "data")  # a GIF is an image for all three scripts
+    assert "red/no_extension" not in sides(tmp_path / "data")
+
+
+def test_out_inside_the_source_is_refused(source, tmp_path):
+    assert_clean_error(split(source, source / "data", check=False), "inside the source folder")
+    assert_clean_error(split(source, source, check=False), "inside the source folder")

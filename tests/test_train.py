@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN_FLAGS, assert_clean_error, draw, make_dataset, run
+from conftest import COLOURS, ROOT, TRAIN_FLAGS, assert_clean_error, draw, make_dataset, run
 
 import nin
 
@@ -506,3 +506,59 @@ def test_special_files_and_dangling_links_among_the_photos_are_skipped(tmp_path,
                  "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path)
     assert "pipe.jpg: not a regular file" in result.stderr and "gone.jpg: a dangling link" in result.stderr
     assert (tmp_path / "NiN.pth").is_file()
+
+
+@pytest.mark.parametrize("problem", ["out-dir is a file", "weights is a folder", "class-idx inside a file"])
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(split_data_dir, tmp_path, problem):
+    (tmp_path / "plain").write_text("a file")
+    outputs = {"--out-dir": tmp_path / "run", "--weights": tmp_path / "NiN.pth", "--class-idx": tmp_path / "c.json"}
+    if problem == "out-dir is a file":
+        outputs["--out-dir"], named = tmp_path / "plain", "is a file, not a folder"
+    elif problem == "weights is a folder":
+        (tmp_path / "NiN.pth").mkdir()
+        named = "is a folder"
+    else:
+        outputs["--class-idx"], named = tmp_path / "plain" / "c.json", "is a file, not a folder"
+    flags = [x for pair in outputs.items() for x in pair]
+    result = run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, *flags, cwd=tmp_path, check=False)
+    assert_clean_error(result, named)
+    assert "epoch" not in result.stdout  # refused before training
+
+
+def test_a_data_folder_where_the_cache_cannot_be_kept_still_trains(split_data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    (data / ".cache").write_text("a file where the cache folder would go")  # as a read-only folder would
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--epochs", "1", "--out-dir", tmp_path / "run",
+                 "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path)
+    assert "could not keep the decoded photos" in result.stderr and (tmp_path / "NiN.pth").is_file()
+
+
+@pytest.mark.parametrize("case", ["one class", "one readable photo"])
+def test_one_class_or_one_photo_is_refused(tmp_path, case):
+    data = tmp_path / "data"
+    for colour in ("red", "blue") if case == "one readable photo" else ("red",):
+        draw(data / "val" / colour / "v.jpg", COLOURS[colour], seed=99)
+    if case == "one class":
+        for i in range(5):
+            draw(data / "train" / "red" / f"{i}.jpg", COLOURS["red"], seed=i)
+    else:
+        draw(data / "train" / "red" / "0.jpg", COLOURS["red"], seed=0)
+        (data / "train" / "blue").mkdir()
+        (data / "train" / "blue" / "broken.jpg").write_bytes(b"not a photo")  # skipped: one photo is left
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--out-dir", tmp_path / "run", cwd=tmp_path,
+                 check=False)
+    assert_clean_error(result, "one class folder" if case == "one class" else "batch norm needs at least two")
+
+
+def test_resume_after_the_class_folders_changed_is_refused(trained, split_data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    for half in ("train", "val"):
+        shutil.copytree(data / half / "red", data / half / "purple")
+    shutil.copytree(trained["run"], tmp_path / "run")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    checkpoint["args"]["data_dir"] = str(data)
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pth")
+    result = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
+    assert_clean_error(result, "class folders changed")
