@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import glob
 import inspect
 import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -136,6 +138,7 @@ STD = (0.229, 0.224, 0.225)
 # as an error, so PIL's own check, which only warns below twice its limit, is turned off.
 MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None
+MAX_ASPECT = 20  # a panorama is 4:1; a 10000x1 strip would cost gigabytes to resize to the network's size
 # What counts as a photo in a folder, for all three scripts alike: a file whose name ends like a format PIL
 # opens (and that is a regular file, which load_image checks).
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -163,6 +166,9 @@ def load_image(path: str | os.PathLike, short_side: int | None = None) -> Image.
         raise UnreadableImage(f"{path}: {reason}")
     try:
         with Image.open(path) as img:
+            if max(img.size) > MAX_ASPECT * max(min(img.size), 1):  # a sliver: nothing to classify, costly to resize
+                raise UnreadableImage(f"{path}: {img.width}x{img.height} pixels is not a photo's shape "
+                                      f"(sides over {MAX_ASPECT}:1)")
             if img.width * img.height > MAX_IMAGE_PIXELS:  # checked on the header, before any decoding
                 raise UnreadableImage(f"{path}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit "
                                       f"(a decompression bomb?)")
@@ -229,7 +235,8 @@ def decode_images(paths: list[str | os.PathLike], to_tensor: Callable[[Any, int]
             return None
 
     with ThreadPoolExecutor(max(workers, 1)) as pool:
-        return list(tqdm(pool.map(decode, paths), total=len(paths), desc=desc, unit="img", disable=not progress))
+        return list(tqdm(pool.map(decode, paths), total=len(paths), desc=desc, unit="img",
+                         disable=None if progress else True))  # None: only on a terminal
 
 
 def save_class_names(classes: list[str], path: str | os.PathLike) -> None:
@@ -358,6 +365,8 @@ DATA_DIR = ROOT / "data"
 WEIGHTS_PATH = ROOT / "NiN.pth"
 CLASS_IDX_PATH = ROOT / "class_idx.json"
 RUNS_DIR = ROOT / "runs"
+# A temporary file of atomic_write older than this is what a killed run left behind, not one being written.
+STALE_SECONDS = 600
 # split_data.py writes a fresh id into both train/ and val/; train.py refuses halves of different splits.
 SPLIT_ID_FILE = ".split_id"
 
@@ -430,6 +439,12 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def few(names: list[str], shown: int = 8) -> str:
+    """A list of names for a one-line message: the first few and how many more."""
+    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
+    return ", ".join(names[:shown])[:300] + more
+
+
 def warn(message: str) -> None:
     """A problem the run survives (a bad file skipped): one line on stderr, never glued to a progress bar."""
     tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -442,6 +457,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed run
+        if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+            stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
@@ -494,8 +512,11 @@ def load_torch(path: str | os.PathLike, what: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, foreign or malicious files all end here
+        if "Weights only load failed" in str(error):  # torch's advice to retry unsafely is the wrong one here
+            raise CLIError(f"refused {what} {path}: it holds Python objects, not only tensors, and loading it "
+                           f"could run code") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"cannot load {what} {path}: {first_line}") from None
+        raise CLIError(f"cannot load {what} {path}: {first_line[:200]}") from None
     if not isinstance(obj, dict):
         raise CLIError(f"{what} {path} does not hold a dictionary of weights")
     return obj

@@ -129,8 +129,8 @@ def load_model(weights: Path, class_idx: Path, device: torch.device) -> tuple[to
     model, classes, image_size = nin.load_weights(weights, device)
     names = nin.load_class_names(class_idx)
     if names != classes:
-        raise nin.CLIError(f"{class_idx} does not match {weights}: it lists {names}, the weights were trained on "
-                       f"{classes}")
+        raise nin.CLIError(f"{class_idx} does not match {weights}: it lists {nin.few(names)}, the weights were "
+                           f"trained on {nin.few(classes)}")
     return model, classes, image_size
 
 
@@ -156,7 +156,7 @@ def run_batches(model, paths: list[Path], image_size: int, args, device) -> list
     from tqdm import tqdm
 
     results = []
-    bar = tqdm(total=len(paths), desc="classify", unit="img", disable=len(paths) <= args.batch_size)
+    bar = tqdm(total=len(paths), desc="classify", unit="img", disable=True if len(paths) <= args.batch_size else None)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
         decoded = nin.decode_images(chunk, nin.eval_tensor, image_size, args.workers, "decode", progress=False)

@@ -54,7 +54,8 @@ def download(url: str, dest: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
+                      disable=None) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -82,7 +83,7 @@ def extract(archive: Path, dest: Path) -> None:
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
-            for member in tqdm(members, desc=f"extract {archive.name}", unit="file"):
+            for member in tqdm(members, desc=f"extract {archive.name}", unit="file", disable=None):
                 if member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts:
                     raise tarfile.TarError(f"unsafe member {member.name!r}")
                 tar.extract(member, tmp, filter="data")
@@ -159,7 +160,8 @@ def val_fractions(files: Iterable[Path], seed: int, workers: int) -> dict[Path, 
 
     files = list(files)
     with ThreadPoolExecutor(workers) as pool:
-        fractions = list(tqdm(pool.map(fraction, files), total=len(files), desc="hash and check", unit="img"))
+        fractions = list(tqdm(pool.map(fraction, files), total=len(files), desc="hash and check", unit="img",
+                              disable=None))
     return dict(zip(files, fractions, strict=True))
 
 

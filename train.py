@@ -88,8 +88,8 @@ def main() -> None:
     check_outputs(args)
     photos = find_photos(args.data_dir, run)
     if checkpoint is not None and checkpoint["classes"] != photos[0].classes:
-        raise nin.CLIError(f"the class folders changed since this run started ({checkpoint['classes'][:10]} -> "
-                           f"{photos[0].classes[:10]}): start a new run instead of --resume")
+        raise nin.CLIError(f"the class folders changed since this run started ({nin.few(checkpoint['classes'])} -> "
+                           f"{nin.few(photos[0].classes)}): start a new run instead of --resume")
     pace = None
     if args.time and checkpoint is None:  # --time: the recipe and the epochs that fit, from timed steps here
         args, pace = plan_for_budget(args, explicit_flags(sys.argv[1:]), photos, clock, run)
@@ -107,6 +107,9 @@ def main() -> None:
     clock.predict(pace, args, data.steps, progress.epoch, run)
     saver = Saver(args, data.classes, keep_last=args.keep == "last" or data.val is None,
                   saved_epoch=progress.epoch, clock=clock, run=run)
+    if checkpoint is not None:
+        saver.resume(checkpoint, learner)
+        set_rng_state(checkpoint.get("rng"), args.seed, progress.epoch, run)
     with resume_hint_on_ctrl_c(saver, args.out_dir):
         for epoch in range(progress.epoch + 1, args.epochs + 1):
             start = time.perf_counter()
@@ -397,7 +400,8 @@ def find_val_images(val_dir: Path) -> ImageFolder | None:
 
 def check_same_split(train: ImageFolder, val: ImageFolder | None, train_dir: Path, val_dir: Path) -> None:
     if val is not None and train.classes != val.classes:
-        raise nin.CLIError(f"{train_dir} and {val_dir} have different classes: {train.classes} vs {val.classes}")
+        raise nin.CLIError(f"{train_dir} and {val_dir} have different classes: {nin.few(train.classes)} vs "
+                           f"{nin.few(val.classes)}")
     ids = [d / nin.SPLIT_ID_FILE for d in (train_dir, val_dir)]
     if all(p.exists() for p in ids) and ids[0].read_text() != ids[1].read_text():
         raise nin.CLIError(f"{train_dir} and {val_dir} come from different runs of split_data.py "
@@ -702,7 +706,8 @@ def train_one_epoch(learner: Learner, batches: Iterable[tuple[torch.Tensor, torc
     accuracy counts each image's own label, whatever share of it survived the mix)."""
     learner.stepped.train()
     totals = torch.zeros(3, device=run.device)  # loss sum, correct, images
-    bar = tqdm(batches, total=steps, desc=desc, unit="batch", leave=False, disable=not run.main)
+    # disable=None: bars only on a terminal, so a log file holds warnings and epoch lines without carriage returns
+    bar = tqdm(batches, total=steps, desc=desc, unit="batch", leave=False, disable=None if run.main else True)
     start = time.perf_counter()
     for step, (images, labels) in enumerate(bar):
         images = images.to(run.device, non_blocking=True)
@@ -980,35 +985,40 @@ class Progress:
 
 
 class Saver:
-    """Writes what a run leaves behind (NiN.pth, checkpoint.pth, metrics.csv, the figures) from the first
-    process: after the last epoch, and after any other once SAVE_SECONDS have passed since the last save."""
+    """Writes what a run leaves behind from the first process: after the last epoch, and after any other once
+    SAVE_SECONDS have passed since the last save. The checkpoint first (it is what --resume continues from,
+    and it holds the kept weights too), then NiN.pth, the figures, and metrics.csv last, so a kill between
+    any two leaves files that a resumed run puts right."""
 
     def __init__(self, args: argparse.Namespace, classes: list[str], keep_last: bool, saved_epoch: int,
                  clock: Clock, run: Run) -> None:
         self.args, self.classes, self.keep_last, self.clock, self.run = args, classes, keep_last, clock, run
         self.checkpoint = args.out_dir / "checkpoint.pth"
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
-        self.unsaved_best: torch.nn.Module | None = None  # the best epoch's weights while they wait for a save
+        self.best: dict | None = None  # the best epoch's weights (--keep best), on the CPU
         if run.main:
             nin.save_class_names(classes, args.class_idx)
+
+    def resume(self, checkpoint: dict, learner: Learner) -> None:
+        """Take the kept weights from the checkpoint, and write NiN.pth from them: a kill may have fallen
+        between the two files."""
+        self.best = checkpoint.get("best_model")
+        if self.run.main and (self.keep_last or self.best is not None):
+            self.write_weights(learner)
 
     def after_epoch(self, learner: Learner, progress: Progress, improved: bool, last: bool) -> None:
         if not self.run.main:
             return
-        if improved and not self.keep_last:  # a copy on the device, written at the next save
-            self.unsaved_best = copy.deepcopy(learner.final)
+        if improved and not self.keep_last:
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in learner.final.state_dict().items()}
         if not last and time.monotonic() - self.saved_at < SAVE_SECONDS:
             return
-        if self.keep_last:  # the weights of the epoch the checkpoint holds
-            nin.save_weights(learner.final, self.classes, self.args.image_size, self.args.weights)
-        elif self.unsaved_best is not None:
-            nin.save_weights(self.unsaved_best, self.classes, self.args.image_size, self.args.weights)
-            self.unsaved_best = None
         nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
-                        "best_confusion": progress.best_cm, "history": progress.history, "classes": self.classes,
-                        "seconds_spent": self.clock.spent(),
+                        "best_confusion": progress.best_cm, "best_model": self.best, "history": progress.history,
+                        "classes": self.classes, "seconds_spent": self.clock.spent(), "rng": rng_state(),
                         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}},
                        self.checkpoint)
+        self.write_weights(learner)
         self.saved_epoch, self.saved_at = progress.epoch, time.monotonic()
         if last or self.saved_at - self.drawn_at > FIGURE_SECONDS:
             save_curves(progress, self.args.out_dir / "curves.png")
@@ -1017,6 +1027,33 @@ class Saver:
                                           f"val, best epoch {progress.best_row()['epoch']}: {progress.best_acc:.1%}")
             self.drawn_at = time.monotonic()
         nin.save_csv(progress.history, self.args.out_dir / "metrics.csv")  # last: a complete row = a saved epoch
+
+    def write_weights(self, learner: Learner) -> None:
+        """NiN.pth: the last epoch's weights (--keep last) or the best epoch's."""
+        model = learner.final
+        if not self.keep_last:
+            if self.best is None:  # resumed from a checkpoint that does not hold them: NiN.pth stays as it is
+                return
+            model = copy.deepcopy(learner.final).cpu()
+            model.load_state_dict(self.best)
+        nin.save_weights(model, self.classes, self.args.image_size, self.args.weights)
+
+
+def rng_state() -> dict:
+    """The random-number state of this process, so that a resumed run draws what the whole run would have."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict | None, seed: int, epoch: int, run: Run) -> None:
+    """Continue the random numbers of a checkpoint. Only the first process saves its state, so under torchrun
+    every process starts afresh from its seed and the epoch instead."""
+    if state is None or run.world > 1:
+        torch.manual_seed(seed * 100_003 + epoch * 101 + run.rank)
+        return
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 @contextlib.contextmanager

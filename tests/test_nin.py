@@ -165,6 +165,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_temporaries_left_by_a_killed_run_are_cleaned_on_the_next_write(tmp_path):
+    import os
+    import time
+
+    target = tmp_path / "checkpoint.pth"
+    stale, fresh = tmp_path / ".checkpoint.pth.abc123.tmp", tmp_path / ".checkpoint.pth.def456.tmp"
+    for leftover in (stale, fresh):
+        leftover.write_bytes(b"half a checkpoint")
+    old = time.time() - nin.STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    nin.atomic_write(target, lambda f: f.write(b"new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, fresh.name])  # fresh: maybe in use
+
+
 def test_device_is_picked_or_refused_by_name(monkeypatch):
     for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import COLOURS, ROOT, assert_clean_error, draw, mutations, run
+from PIL import Image
 
 import nin
 
@@ -212,7 +213,8 @@ def test_a_pth_carrying_code_is_refused_and_runs_nothing(trained, photos, tmp_pa
     torch.save({"model": RunsCode(marker), "config": {}, "classes": [], "image_size": 64}, evil)
     result = run("predict.py", photos[("red", "RGB")], "--weights", evil, "--class-idx", trained["class_idx"],
                  cwd=tmp_path, check=False)
-    assert_clean_error(result, "cannot load weights")
+    assert_clean_error(result, "holds Python objects, not only tensors, and loading it could run code")
+    assert "weights_only=False" not in result.stderr  # torch's advice to load it unsafely is not passed on
     assert not marker.exists()
 
 
@@ -340,3 +342,10 @@ def test_an_invalid_matplotlib_backend_is_one_line(trained, photos, tmp_path):
                              trained["weights"], "--class-idx", trained["class_idx"]], cwd=tmp_path,
                             capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "no-such-backend"})
     assert_clean_error(result, "matplotlib cannot start")
+
+
+def test_a_sliver_of_an_image_is_refused_from_its_header(trained, photos, tmp_path):
+    Image.new("RGB", (100_000, 1)).save(tmp_path / "sliver.png")  # 0.1 megapixels, but gigabytes to resize
+    result = run("predict.py", tmp_path / "sliver.png", photos[("red", "RGB")], "--json", "--weights",
+                 trained["weights"], "--class-idx", trained["class_idx"], cwd=tmp_path)
+    assert "not a photo's shape" in result.stderr and len(json.loads(result.stdout)) == 1

@@ -562,3 +562,31 @@ def test_resume_after_the_class_folders_changed_is_refused(trained, split_data_d
     torch.save(checkpoint, tmp_path / "run" / "checkpoint.pth")
     result = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
     assert_clean_error(result, "class folders changed")
+
+
+def test_a_resumed_run_draws_the_same_random_numbers_as_an_uninterrupted_one(split_data_dir, tmp_path):
+    """The step schedule does not depend on the number of epochs, so a 2-epoch run resumed for a third must
+    repeat the 3-epoch run's third epoch exactly: same crops, same flips, same mixing."""
+    flags = [*TRAIN_FLAGS, "--schedule", "step", "--step-epochs", "100", "--mixup", "0.2", "--data-dir",
+             split_data_dir]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for out, epochs in ((whole, "3"), (cut, "2")):
+        run("train.py", *flags, "--epochs", epochs, "--out-dir", out, "--weights", out / "NiN.pth",
+            "--class-idx", out / "c.json", cwd=tmp_path)
+    checkpoint = torch.load(cut / "checkpoint.pth", weights_only=True)
+    checkpoint["args"]["epochs"] = 3
+    torch.save(checkpoint, cut / "checkpoint.pth")
+    run("train.py", "--resume", "--out-dir", cut, cwd=tmp_path)
+    third = [read_metrics(out / "metrics.csv")[2] for out in (whole, cut)]
+    assert third[0]["train_loss"] == third[1]["train_loss"] and third[0]["val_acc"] == third[1]["val_acc"]
+
+
+def test_nin_pth_is_written_again_from_the_checkpoint_on_resume(trained, tmp_path):
+    """A kill between the checkpoint and NiN.pth: --resume puts the kept weights back first."""
+    shutil.copytree(trained["run"], tmp_path / "run")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    checkpoint["args"]["weights"] = str(tmp_path / "NiN.pth")
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pth")
+    (tmp_path / "NiN.pth").write_bytes(b"a weights file from an earlier epoch, cut short")
+    run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path)
+    assert same_weights(tmp_path / "NiN.pth", checkpoint["best_model"])
