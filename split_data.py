@@ -14,13 +14,14 @@ is fold 0 of 10.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,15 +78,26 @@ def extract(archive: Path, dest: Path) -> None:
     """Extract into a temporary folder beside dest, then rename: dest is complete or absent.
 
     Members with absolute paths or '..' are refused outright (tarfile's 'data' filter would strip the
-    leading '/'); the filter refuses links leaving the folder and device files.
+    leading '/'), and so is any member whose place, or whose link's target, resolves outside the folder
+    through the links extracted before it: the check that some Python versions' 'data' filter misses for
+    chains of links (CVE-2025-4517). The filter itself refuses device files.
     """
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
+    root = tmp.resolve()
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
             for member in tqdm(members, desc=f"extract {archive.name}", unit="file", disable=None):
                 if member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts:
                     raise tarfile.TarError(f"unsafe member {member.name!r}")
+                place = root / member.name
+                targets = [place.parent]
+                if member.issym():
+                    targets.append(place.parent / member.linkname)
+                elif member.islnk():
+                    targets.append(root / member.linkname)
+                if not all(Path(os.path.realpath(t)).is_relative_to(root) for t in targets):
+                    raise tarfile.TarError(f"member {member.name!r} leads outside the folder through a link")
                 tar.extract(member, tmp, filter="data")
         # The archive holds one top folder (flower_photos/); use it, whatever its name.
         tops = [p for p in tmp.iterdir() if p.is_dir()]
@@ -190,34 +202,106 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_split(classes: dict[str, list[Path]], sides: dict[Path, str | None], out: Path) -> None:
-    """Build the new train/ and val/ in a temporary folder, then swap them in for the old ones.
+    """Build the new train/ and val/ side by side in a folder of their own, then switch to it in one step.
 
-    An interruption while building leaves the old split untouched. The swap is four renames; if it is cut
-    between them, the .split_id files of train/ and val/ differ and train.py says to split again.
+    out/train and out/val are links into out/.split, itself a link to the current split's folder
+    (.split-ID): replacing that one link is atomic, so whenever a run is cut, out/ holds both halves of one
+    split, the old or the new. A lock keeps two runs on one out/ from deleting each other's work. Where links
+    cannot be made (Windows without developer mode), the halves are moved in one after the other instead,
+    and train.py refuses halves of two different splits (their .split_id files differ).
     """
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".split-*"):  # left by an earlier interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".split-"))
-    split_id = tmp.name
+    with exclusive_lock(out / ".split.lock"):
+        current = out / ".split"
+        in_use = os.readlink(current) if current.is_symlink() else None
+        for stale in [*out.glob(".split-*"), *out.glob(".split.link-*")]:  # left by an interrupted run
+            if stale.name != in_use:
+                remove(stale)
+        new = Path(tempfile.mkdtemp(dir=out, prefix=".split-"))
+        try:
+            fill(new, classes, sides)
+            if links_work(out):
+                switch_link(out, new)
+            else:
+                move_halves(out, new)
+        except BaseException:
+            if not (current.is_symlink() and os.readlink(current) == new.name):  # cut before the switch
+                remove(new)
+            raise
+        if in_use is not None:
+            remove(out / in_use)
+
+
+def fill(folder: Path, classes: dict[str, list[Path]], sides: dict[Path, str | None]) -> None:
+    """folder/train/<class>/ and folder/val/<class>/ with each photo linked (or copied) to its side, and the
+    split's id in both halves."""
+    for half in ("train", "val"):
+        for name in classes:
+            (folder / half / name).mkdir(parents=True)
+        (folder / half / nin.SPLIT_ID_FILE).write_text(folder.name + "\n")
+    for name, files in classes.items():
+        for f in files:
+            if sides[f] is not None:
+                link_or_copy(f, folder / sides[f] / name / f.name)
+
+
+def switch_link(out: Path, new: Path) -> None:
+    """Point out/.split at new, atomically; out/train and out/val (made once) point into out/.split."""
+    for half in ("train", "val"):
+        if not (out / half).is_symlink():
+            if (out / half).exists():  # a split made before links were used: moved into the new folder, removed
+                os.replace(out / half, new / f"previous-{half}")
+            os.symlink(Path(".split") / half, out / half)
+    link = out / f".split.link-{new.name}"
+    os.symlink(new.name, link)
+    os.replace(link, out / ".split")
+    for half in ("train", "val"):
+        remove(new / f"previous-{half}")
+
+
+def move_halves(out: Path, new: Path) -> None:
+    """Where links cannot be made: the old halves moved out, the new ones moved in (four renames)."""
+    for half in ("train", "val"):
+        if (out / half).exists():
+            os.replace(out / half, new / f"previous-{half}")
+    for half in ("train", "val"):
+        os.replace(new / half, out / half)
+    remove(new)
+
+
+def links_work(folder: Path) -> bool:
+    probe = folder / f".split.link-probe-{os.getpid()}"
     try:
-        for half in ("train", "val"):
-            for name in classes:
-                (tmp / half / name).mkdir(parents=True)
-            (tmp / half / nin.SPLIT_ID_FILE).write_text(split_id + "\n")
-        for name, files in classes.items():
-            for f in files:
-                if sides[f] is not None:
-                    link_or_copy(f, tmp / sides[f] / name / f.name)
-        old = tmp / "old"
-        old.mkdir()
-        for half in ("train", "val"):
-            if (out / half).exists():
-                os.replace(out / half, old / half)
-        for half in ("train", "val"):
-            os.replace(tmp / half, out / half)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.symlink("probe", probe)
+    except (OSError, NotImplementedError):
+        return False
+    probe.unlink()
+    return True
+
+
+def remove(path: Path) -> None:
+    """A link, a file or a whole folder (never what a link points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold path's lock for the block; another process holding it is a one-line error. (No lock where the
+    platform has no fcntl, i.e. Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise nin.CLIError(f"another split_data.py is writing {path.parent}: wait for it to end") from None
+        yield
 
 
 def split_table(classes: dict[str, list[Path]], sides: dict[Path, str | None]) -> str:
@@ -282,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     source = args.source or DEFAULT_SOURCE
+    if args.archive is not None and source.is_dir():
+        nin.warn(f"{source} is there already: --archive {args.archive} is not used (delete {source} to extract it)")
     if args.out.resolve().is_relative_to(source.resolve()):  # the next split would read its own output
         raise nin.CLIError(f"--out {args.out} is inside the source folder {source}: choose another --out")
     if args.source is None and not source.is_dir():

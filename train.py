@@ -251,10 +251,16 @@ def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     if not {"model", "optimizer", "scheduler", "epoch", "history", "args"} <= checkpoint.keys():
         raise nin.CLIError(f"{args.out_dir / 'checkpoint.pth'} is not a checkpoint written by train.py "
                            f"(NiN.pth holds weights only: it cannot be resumed)")
-    here = {"device": args.device, "workers": args.workers}
+    # Where the checkpoint was found wins over where the run first wrote it (the folder may have moved), and
+    # outputs that lived inside that folder move with it.
+    here = {"device": args.device, "workers": args.workers, "out_dir": args.out_dir}
     resumed = argparse.Namespace(**{**vars(args), **BEFORE_FLAG_EXISTED, **checkpoint["args"], **here})
-    for name in ("data_dir", "weights", "class_idx", "out_dir"):
-        setattr(resumed, name, Path(getattr(resumed, name)))
+    first_out_dir = Path(checkpoint["args"]["out_dir"])
+    for name in ("data_dir", "weights", "class_idx"):
+        path = Path(getattr(resumed, name))
+        if name != "data_dir" and path.is_relative_to(first_out_dir):
+            path = args.out_dir / path.relative_to(first_out_dir)
+        setattr(resumed, name, path)
     return resumed, checkpoint
 
 

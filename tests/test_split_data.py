@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_old_split_is_replaced_completely(source, tmp_path):
     split(source, data)
     assert sorted(p.name for p in (data / "train").iterdir() if p.is_dir()) == sorted(COLOURS)
     assert not list(data.glob("*/*/stale.jpg"))
-    assert sorted(p.name for p in data.iterdir()) == ["train", "val"]
+    assert visible(data) == ["train", "val"] and len(hidden_splits(data)) == 1
     ids = {(data / half / nin.SPLIT_ID_FILE).read_text() for half in ("train", "val")}
     assert len(ids) == 1
 
@@ -112,7 +113,78 @@ def test_interrupted_split_leaves_the_old_one_untouched(source, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         split_data.write_split(classes, assignment, data)
     assert sides(data) == before
-    assert sorted(p.name for p in data.iterdir()) == ["train", "val"]  # no temporary folder left behind
+    assert visible(data) == ["train", "val"] and len(hidden_splits(data)) == 1  # no temporary folder left behind
+
+
+def visible(data: Path) -> list[str]:
+    return sorted(p.name for p in data.iterdir() if not p.name.startswith("."))
+
+
+def hidden_splits(data: Path) -> list[str]:
+    """The folders of splits kept in data/: the current one only, once a run has ended."""
+    return sorted(p.name for p in data.glob(".split-*") if p.is_dir())
+
+
+def split_args(source: Path, ratio: float = 0.5):
+    classes = split_data.list_classes(source)
+    fractions = split_data.val_fractions([f for fs in classes.values() for f in fs], seed=0, workers=1)
+    return classes, split_data.sides_for(fractions, val_ratio=ratio)
+
+
+@pytest.mark.parametrize("cut_at", ["before the switch", "after the switch"])
+def test_a_split_cut_at_its_swap_leaves_both_halves_of_one_split(source, tmp_path, monkeypatch, cut_at):
+    """The swap is one atomic replacement of a link: a kill just before or after it leaves the old split or
+    the new one, whole, and the next run tidies up."""
+    data = tmp_path / "data"
+    split(source, data, "--val-ratio", "0.3")
+    before = sides(data)
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(dst).name == ".split":
+            if cut_at == "after the switch":
+                real_replace(src, dst)
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(split_data.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        split_data.write_split(*split_args(source, 0.6), data)
+    monkeypatch.undo()
+    after = sides(data)
+    assert after == (before if cut_at == "before the switch" else sides_of(split_args(source, 0.6)[1]))
+    ids = {(data / half / nin.SPLIT_ID_FILE).read_text() for half in ("train", "val")}
+    assert len(ids) == 1  # both halves of one split
+    split(source, data, "--val-ratio", "0.3")  # the next run removes what the cut one left
+    assert sides(data) == before and len(hidden_splits(data)) == 1
+
+
+def sides_of(assignment: dict[Path, str | None]) -> dict[str, str]:
+    return {f"{f.parent.name}/{f.name}": side for f, side in assignment.items() if side is not None}
+
+
+def test_a_second_split_at_the_same_time_is_refused(source, tmp_path):
+    import fcntl
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / ".split.lock", "w") as held:  # as a run in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert_clean_error(split(source, data, check=False), "another split_data.py is writing")
+    split(source, data)  # free again
+    assert visible(data) == ["train", "val"]
+
+
+def test_where_links_cannot_be_made_the_halves_are_moved(source, tmp_path, monkeypatch):
+    def no_links(*args, **kwargs):
+        raise OSError("symbolic links are not allowed here")
+
+    data = tmp_path / "data"
+    monkeypatch.setattr(split_data.os, "symlink", no_links)
+    for ratio in (0.3, 0.6):
+        split_data.write_split(*split_args(source, ratio), data)
+        assert not (data / "train").is_symlink() and sides(data) == sides_of(split_args(source, ratio)[1])
+    assert visible(data) == ["train", "val"] and hidden_splits(data) == []
 
 
 def test_missing_or_empty_source_is_a_clear_error(tmp_path):
@@ -226,6 +298,33 @@ def test_extraction_never_writes_outside_its_folder(tmp_path, name, kind, target
         split_data.extract(archive, tmp_path / "data" / "flower_photos")
     assert not (tmp_path / "escape.txt").exists()
     assert not (tmp_path / "data" / "flower_photos").exists()
+
+
+def test_a_chain_of_links_cannot_lead_out_of_the_folder(tmp_path):
+    """The first link stays inside (flower_photos/.. is the folder); through it, the second points outside."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, target in (("flower_photos/up", ".."), ("flower_photos/up/up", "..")):
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname = tarfile.SYMTYPE, target
+            tar.addfile(member)
+        payload = tarfile.TarInfo("flower_photos/up/up/escape.txt")
+        payload.size = 1
+        tar.addfile(payload, io.BytesIO(b"x"))
+    archive = tmp_path / "chain.tar"
+    archive.write_bytes(buffer.getvalue())
+    (tmp_path / "data").mkdir()
+    with pytest.raises(CLIError, match="leads outside the folder"):
+        split_data.extract(archive, tmp_path / "data" / "flower_photos")
+    assert not list(tmp_path.rglob("escape.txt"))
+
+
+def test_archive_beside_an_extracted_copy_is_not_silently_ignored(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(split_data, "DEFAULT_SOURCE", source)  # as if data/flower_photos were there
+    monkeypatch.setattr("sys.argv", ["split_data.py", "--archive", str(tmp_path / "any.tgz"),
+                                     "--out", str(tmp_path / "data")])
+    split_data.main()
+    assert "--archive" in capsys.readouterr().err and sides(tmp_path / "data")
 
 
 def test_extraction_of_a_good_archive(tmp_path):

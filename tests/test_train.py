@@ -590,3 +590,16 @@ def test_nin_pth_is_written_again_from_the_checkpoint_on_resume(trained, tmp_pat
     (tmp_path / "NiN.pth").write_bytes(b"a weights file from an earlier epoch, cut short")
     run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path)
     assert same_weights(tmp_path / "NiN.pth", checkpoint["best_model"])
+
+
+def test_resume_of_a_moved_run_folder_writes_there(split_data_dir, tmp_path):
+    first = tmp_path / "first"
+    run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--epochs", "1", "--out-dir", first,
+        "--weights", first / "NiN.pth", "--class-idx", first / "c.json", cwd=tmp_path)
+    checkpoint = torch.load(first / "checkpoint.pth", weights_only=True)
+    checkpoint["args"]["epochs"] = 2  # as if it had been cut short
+    torch.save(checkpoint, first / "checkpoint.pth")
+    shutil.move(first, tmp_path / "moved")
+    run("train.py", "--resume", "--out-dir", tmp_path / "moved", cwd=tmp_path)
+    assert not first.exists()  # nothing written back into the old place
+    assert len(read_metrics(tmp_path / "moved" / "metrics.csv")) == 2 and (tmp_path / "moved" / "NiN.pth").is_file()
