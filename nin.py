@@ -497,7 +497,10 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as error:  # torch's writer reports a full disk as its own error: say it as the OS would
+        raise OSError(f"cannot write {path}: {str(error).strip().splitlines()[0][:200]}") from None
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

@@ -314,11 +314,13 @@ def split_table(classes: dict[str, list[Path]], sides: dict[Path, str | None]) -
     return "\n".join(lines)
 
 
-def check_readable(classes: dict[str, list[Path]], fractions: dict[Path, float | None]) -> None:
+def check_readable(source: Path, classes: dict[str, list[Path]], fractions: dict[Path, float | None]) -> None:
     """Refuse a class folder without any usable image (val_fractions has said why each file was skipped)."""
     empty = [name for name, files in classes.items() if all(fractions[f] is None for f in files)]
     if empty:
-        raise nin.CLIError(f"no readable images in class folder(s): {', '.join(empty)}")
+        nested = [name for name in empty if any(p.is_dir() for p in (source / name).iterdir())]
+        hint = f" (the photos in subfolders of {', '.join(nested)} are not used: move them up)" if nested else ""
+        raise nin.CLIError(f"no readable images in class folder(s): {nin.few(empty)}{hint}")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -374,7 +376,7 @@ def main() -> None:
         fetch_flower_photos(source, args.archive)
     classes = list_classes(source)
     fractions = val_fractions((f for files in classes.values() for f in files), args.seed, args.workers)
-    check_readable(classes, fractions)
+    check_readable(source, classes, fractions)
     sides = sides_for(fractions, args.val_ratio, args.folds, args.fold)
     write_split(classes, sides, args.out)
     print(split_table(classes, sides))

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2 import CutMix, MixUp, RandomChoice
 from torchvision.transforms.v2 import functional as TF
@@ -498,14 +498,29 @@ class StreamedImages(Dataset):
     """--no-cache: the same uint8 tensors as the cache, decoded on the fly in DataLoader workers."""
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int) -> None:
-        self.samples, self.image_size = samples, image_size
+        self.samples, self.image_size, self.warned = samples, image_size, set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        """The photo and its label, or None (and a warning, once per worker) when it cannot be read."""
         path, label = self.samples[i]
-        return train_tensor(path, self.image_size), label
+        try:
+            return train_tensor(path, self.image_size), label
+        except nin.UnreadableImage as error:
+            if path not in self.warned:
+                nin.warn(f"skipped {error}")
+                self.warned.add(path)
+            return None
+
+
+def without_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """DataLoader's collate, leaving out the photos that could not be read."""
+    kept = [sample for sample in batch if sample is not None]
+    if not kept:
+        raise nin.CLIError("a whole batch of training photos could not be read")
+    return default_collate(kept)
 
 
 class StreamedTraining:
@@ -515,7 +530,7 @@ class StreamedTraining:
                  run: Run) -> None:
         streamed = StreamedImages(samples, image_size)
         self.sampler = DistributedSampler(streamed, run.world, run.rank, shuffle=True, seed=seed, drop_last=True)
-        self.loader = DataLoader(streamed, batch_size, sampler=self.sampler,
+        self.loader = DataLoader(streamed, batch_size, sampler=self.sampler, collate_fn=without_unreadable,
                                  drop_last=len(samples) >= batch_size * run.world, num_workers=workers,
                                  pin_memory=run.device.type == "cuda", persistent_workers=workers > 0)
         self.steps = len(self.loader)

@@ -253,7 +253,7 @@ def main() -> None:
     classes = split_data.list_classes(source)
     fractions = split_data.val_fractions([f for files in classes.values() for f in files], args.split_seed,
                                          args.workers)
-    split_data.check_readable(classes, fractions)
+    split_data.check_readable(source, classes, fractions)
     device = nin.pick_device(None)
     threads = max((os.cpu_count() or 1) // args.parallel, 1) if args.parallel > 1 else None
     with ThreadPoolExecutor(args.parallel) as pool:

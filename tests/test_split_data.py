@@ -409,3 +409,10 @@ def test_files_train_py_would_not_read_are_skipped_with_the_reason(source, tmp_p
 def test_out_inside_the_source_is_refused(source, tmp_path):
     assert_clean_error(split(source, source / "data", check=False), "inside the source folder")
     assert_clean_error(split(source, source, check=False), "inside the source folder")
+
+
+def test_photos_only_in_a_subfolder_get_a_hint(source, tmp_path):
+    (source / "blue" / "more").mkdir()
+    for photo in list((source / "blue").glob("*.jpg")):
+        photo.rename(source / "blue" / "more" / photo.name)
+    assert_clean_error(split(source, tmp_path / "data", check=False), "blue", "subfolders of blue are not used")

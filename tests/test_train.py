@@ -603,3 +603,15 @@ def test_resume_of_a_moved_run_folder_writes_there(split_data_dir, tmp_path):
     run("train.py", "--resume", "--out-dir", tmp_path / "moved", cwd=tmp_path)
     assert not first.exists()  # nothing written back into the old place
     assert len(read_metrics(tmp_path / "moved" / "metrics.csv")) == 2 and (tmp_path / "moved" / "NiN.pth").is_file()
+
+
+def test_streaming_skips_an_unreadable_photo_too(tmp_path, split_data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    good = next((data / "train" / "red").glob("*.jpg")).read_bytes()
+    (data / "train" / "red" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--epochs", "2", "--no-cache", "--workers", "0",
+                 "--out-dir", tmp_path / "run", "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json",
+                 cwd=tmp_path)
+    assert result.stderr.count("truncated.jpg") == 1  # warned once, not every epoch
+    assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 2
