@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import glob
 import inspect
@@ -25,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -258,8 +260,37 @@ def load_class_names(path: str | os.PathLike) -> list[str]:
     return [mapping[str(i)] for i in range(len(mapping))]
 
 
-def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike) -> None:
-    """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model.
+@dataclass
+class Calibration:
+    """What turns the network's logits into probabilities a user can act on, stored in NiN.pth.
+
+    temperature: the logits are divided by it before the softmax (fitted on held-out photos: label smoothing
+    and mixup squeeze a network's softmax, so its raw numbers read lower than its accuracy).
+    not_sure_below: a top probability below it is answered "not sure" (0: always an answer).
+    """
+
+    temperature: float = 1.0
+    not_sure_below: float = 0.0
+    fitted_on: str = "nothing: the raw softmax"
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """The calibration in a NiN.pth; a file from before calibration existed gets the raw softmax."""
+    stored = load_torch(path, "weights").get("calibration")
+    if stored is None:
+        return Calibration()
+    try:
+        calibration = Calibration(**stored)
+    except TypeError:
+        raise CLIError(f"{path}: its calibration is not one this code wrote") from None
+    if not (0.01 <= calibration.temperature <= 100 and 0 <= calibration.not_sure_below < 1):
+        raise CLIError(f"{path}: its calibration is out of range ({calibration})")
+    return calibration
+
+
+def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike,
+                 calibration: Calibration | None = None) -> None:
+    """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model, and its calibration.
 
     Floating-point tensors are stored as float16, which halves the file; load_weights puts them back into
     the float32 model, and the predictions barely move (see tests/test_nin.py). A tensor outside float16's
@@ -270,8 +301,8 @@ def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os
         return t.half() if fits else t
 
     state = {k: compact(v.detach().cpu()) for k, v in model.state_dict().items()}
-    save_torch({"model": state, "config": model.config, "classes": classes, "image_size": image_size},
-               path)
+    save_torch({"model": state, "config": model.config, "classes": classes, "image_size": image_size,
+                "calibration": dataclasses.asdict(calibration or Calibration())}, path)
 
 
 def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[NiN, list[str], int]:
@@ -303,6 +334,45 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
 
 
 # ----------------------------------------------------------------------------------------------------- reports
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The single temperature T that minimises the negative log-likelihood of softmax(logits / T) on
+    held-out photos (Guo et al. 2017, temperature scaling): it changes how sure the answers are, never which
+    class wins."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def nll() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits.double() / log_t.exp().double(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(nll)
+    return float(log_t.detach().exp().clamp(0.05, 20))
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """How far the top probability is from the accuracy, averaged over equal-width confidence bins weighted
+    by their photos (0: a top probability of p is right p of the time)."""
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).double()
+    which = (confidence.double() * bins).long().clamp(max=bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            error += inside.double().mean().item() * abs(correct[inside].mean().item()
+                                                         - confidence[inside].double().mean().item())
+    return error
+
+
+def not_sure_threshold(probs: torch.Tensor, labels: torch.Tensor, keep: float = 0.95) -> float:
+    """The top probability below which only (1 - keep) of the correctly classified photos fall."""
+    confidence, predicted = probs.max(1)
+    right = confidence[predicted == labels].double()
+    return min(float(right.quantile(1 - keep)), 0.99) if len(right) else 0.0  # 1.0 would refuse every answer
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -4,16 +4,20 @@
     python predict.py test_img/tulip.jpg --heatmap       # ... and where the network saw the class
     python predict.py photos/ --top-k 5 --json           # folders are searched; JSON for other programs
     python predict.py test_img/*.jpg --save preds.png    # a grid of thumbnails, saved instead of shown
-    python predict.py --eval data/val                    # accuracy, per-class scores, confusion matrix
+    python predict.py --eval data/val                    # accuracy, per-class scores, confusion matrix, calibration
+    python predict.py --calibrate data/val               # fit probabilities and 'not sure' on held-out photos
 
 Figures are shown where there is a display, else only saved (--save). Several images also give a CSV with one
 row per image, and --eval its confusion matrix, its CSV and a gallery of the most confident mistakes, all in
---out-dir.
+--out-dir. Probabilities are calibrated (a temperature fitted on held-out photos by --calibrate and stored in
+the weights); an answer whose top probability is below the stored threshold reads "not sure (best guess: ...)".
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 import math
 import os
@@ -37,12 +41,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("images", nargs="*", type=Path, help="image files or folders of images")
     p.add_argument("--eval", type=Path, default=None, metavar="DIR",
                    help="evaluate on a labelled folder (DIR/<class>/<image>), e.g. data/val")
+    p.add_argument("--calibrate", type=Path, default=None, metavar="SOURCE",
+                   help="fit the temperature and the 'not sure' threshold of --weights on held-out photos, and "
+                        "store them there: a labelled folder (DIR/<class>/<image>) or bench/cv.py's "
+                        "oof_predictions.csv")
     p.add_argument("--weights", type=Path, default=nin.WEIGHTS_PATH, help="trained weights (default: %(default)s)")
     p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH,
                    help="class map written by train.py (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="classes listed per image (default: %(default)s)")
     p.add_argument("--heatmap", action="store_true",
                    help="overlay the predicted class's map (the one its logit is the mean of) on the photos")
+    p.add_argument("--not-sure", type=float, default=None, metavar="P",
+                   help="answer 'not sure (best guess: ...)' when the top probability is below P (default: the "
+                        "threshold stored by --calibrate; 0: always answer)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the predictions of each image and its mirror image")
     p.add_argument("--json", action="store_true", help="print the results as JSON, and draw no figure")
@@ -57,8 +68,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.save is not None and args.save.suffix.lower().lstrip(".") not in figure_formats():
         p.error(f"--save {args.save}: not a figure format matplotlib writes ({', '.join(sorted(figure_formats()))})")
-    if bool(args.images) == bool(args.eval):
-        p.error("give image files or folders, or --eval DIR (not both)")
+    if sum(map(bool, (args.images, args.eval, args.calibrate))) != 1:
+        p.error("give image files or folders, or --eval DIR, or --calibrate SOURCE (one of them)")
+    if args.not_sure is not None and not 0 <= args.not_sure < 1:
+        p.error("--not-sure must be in [0, 1)")
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
         if value < 1:
             p.error(f"{flag} must be at least 1")
@@ -82,6 +95,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     """What this run will write can be written: checked before any image is read."""
     if args.save is not None:
         nin.check_output_file(args.save, "--save")
+    if args.calibrate is not None:
+        nin.check_output_file(args.weights, "--weights")
     nin.check_output_folder(args.out_dir, "--out-dir")
 
 
@@ -125,33 +140,36 @@ def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[
     return paths, labels
 
 
-def load_model(weights: Path, class_idx: Path, device: torch.device) -> tuple[torch.nn.Module, list[str], int]:
+def load_model(weights: Path, class_idx: Path, device: torch.device,
+               ) -> tuple[torch.nn.Module, list[str], int, nin.Calibration]:
     model, classes, image_size = nin.load_weights(weights, device)
     names = nin.load_class_names(class_idx)
     if names != classes:
         raise nin.CLIError(f"{class_idx} does not match {weights}: it lists {nin.few(names)}, the weights were "
                            f"trained on {nin.few(classes)}")
-    return model, classes, image_size
+    return model, classes, image_size, nin.load_calibration(weights)
 
 
 # --------------------------------------------------------------------------------------------- inference
 
 
 @torch.no_grad()
-def classify(model, images: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(model, images: torch.Tensor, tta: bool = False, temperature: float = 1.0,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities [N, C] and class maps [N, C, h, w] for uint8 images [N, 3, H, W].
 
     The logits are the means of the class maps (global average pooling), so each map shows where the
-    network found its class. With tta the mirror image's maps, mirrored back, are averaged in.
+    network found its class; divided by the calibrated temperature, their softmax is the probabilities.
+    With tta the mirror image's maps, mirrored back, are averaged in.
     """
     x = nin.normalize(images)
     maps = model.class_maps(x)
     if tta:
         maps = (maps + model.class_maps(x.flip(-1)).flip(-1)) / 2
-    return maps.mean((2, 3)).softmax(1), maps
+    return (maps.mean((2, 3)) / temperature).softmax(1), maps
 
 
-def run_batches(model, paths: list[Path], image_size: int, args, device) -> list[dict]:
+def run_batches(model, paths: list[Path], image_size: int, args, device, temperature: float = 1.0) -> list[dict]:
     """Decode and classify in batches, with one progress bar; unreadable files are skipped with a warning."""
     from tqdm import tqdm
 
@@ -163,7 +181,7 @@ def run_batches(model, paths: list[Path], image_size: int, args, device) -> list
         kept = [(p, img) for p, img in zip(chunk, decoded, strict=True) if img is not None]
         if kept:
             images = torch.stack([img for _, img in kept]).to(device)
-            probs, maps = classify(model, images, args.tta)
+            probs, maps = classify(model, images, args.tta, temperature)
             for (path, image), p, m in zip(kept, probs.cpu(), maps.float().cpu(), strict=True):
                 results.append({"path": path, "image": image, "probs": p, "map": m})
         bar.update(len(chunk))
@@ -171,6 +189,16 @@ def run_batches(model, paths: list[Path], image_size: int, args, device) -> list
     if not results:
         raise nin.CLIError(f"cannot read image {paths[0]}" if len(paths) == 1 else "no image could be read")
     return results
+
+
+def answer(probs: torch.Tensor, classes: list[str], k: int, not_sure_below: float) -> str:
+    """The top-k classes as text, prefixed "not sure (best guess: ...)" below the threshold."""
+    ranked = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in top_k(probs, classes, k))
+    return f"not sure (best guess: {ranked})" if unsure(probs, not_sure_below) else ranked
+
+
+def unsure(probs: torch.Tensor, not_sure_below: float) -> bool:
+    return float(probs.max()) < not_sure_below
 
 
 def top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[dict]:
@@ -201,14 +229,15 @@ def overlay(ax, result: dict, heatmap: bool, label: int) -> None:
     ax.axis("off")
 
 
-def single_figure(result: dict, classes: list[str], k: int, heatmap: bool):
+def single_figure(result: dict, classes: list[str], k: int, heatmap: bool, not_sure_below: float):
     """One photo beside a horizontal bar chart of its top-k probabilities."""
     import matplotlib.pyplot as plt
 
     top = top_k(result["probs"], classes, k)
+    doubt = "not sure, best guess: " if unsure(result["probs"], not_sure_below) else ""
     fig, (image_ax, bar_ax) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1, 1.2]})
     overlay(image_ax, result, heatmap, classes.index(top[0]["class"]))
-    image_ax.set_title(f"{shown_name(result['path'])}: {top[0]['class']} {top[0]['probability']:.0%}"
+    image_ax.set_title(f"{shown_name(result['path'])}: {doubt}{top[0]['class']} {top[0]['probability']:.0%}"
                        + (" (heat map of that class)" if heatmap else ""), fontsize=9)
     names = [t["class"] for t in top][::-1]
     values = [t["probability"] for t in top][::-1]
@@ -221,7 +250,8 @@ def single_figure(result: dict, classes: list[str], k: int, heatmap: bool):
     return fig
 
 
-def grid_figure(results: list[dict], classes: list[str], heatmap: bool, titles: list[str] | None = None):
+def grid_figure(results: list[dict], classes: list[str], heatmap: bool, titles: list[str] | None = None,
+                not_sure_below: float = 0.0):
     """Thumbnails with their predicted class and probability (or the given titles)."""
     import matplotlib.pyplot as plt
 
@@ -234,7 +264,9 @@ def grid_figure(results: list[dict], classes: list[str], heatmap: bool, titles: 
     for i, (ax, result) in enumerate(zip(axes.flat, shown, strict=False)):
         best = int(result["probs"].argmax())
         overlay(ax, result, heatmap, best)
-        title = titles[i] if titles else f"{shown_name(result['path'])}\n{classes[best]} {result['probs'][best]:.0%}"
+        doubt = "not sure: " if unsure(result["probs"], not_sure_below) else ""
+        title = titles[i] if titles else \
+            f"{shown_name(result['path'])}\n{doubt}{classes[best]} {result['probs'][best]:.0%}"
         ax.set_title(title, fontsize=8)
     if len(results) > GRID_MAX:
         fig.suptitle(f"first {GRID_MAX} of {len(results)} images (all are in the CSV)", fontsize=9)
@@ -257,31 +289,36 @@ def show_or_save(fig, save: Path | None) -> None:
 # --------------------------------------------------------------------------------------------- modes
 
 
-def predict_images(model, classes: list[str], image_size: int, args, device) -> None:
-    results = run_batches(model, expand(args.images), image_size, args, device)
+def predict_images(model, classes: list[str], image_size: int, calibration: nin.Calibration, args, device) -> None:
+    results = run_batches(model, expand(args.images), image_size, args, device, calibration.temperature)
+    threshold = calibration.not_sure_below if args.not_sure is None else args.not_sure
     if args.json:
-        print(json.dumps([{"image": str(r["path"]), "top": top_k(r["probs"], classes, args.top_k)}
-                          for r in results], indent=2))
+        print(json.dumps([{"image": str(r["path"]), "top": top_k(r["probs"], classes, args.top_k),
+                           "not_sure": unsure(r["probs"], threshold)} for r in results], indent=2))
         return
     for r in results:
-        ranked = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in top_k(r["probs"], classes, args.top_k))
-        print(f"{r['path']}: {ranked}")
+        print(f"{r['path']}: {answer(r['probs'], classes, args.top_k, threshold)}")
     if len(results) > 1:
         rows = [{"image": str(r["path"]), **{c: round(float(p), 4) for c, p in zip(classes, r["probs"], strict=True)},
-                 "predicted": classes[int(r["probs"].argmax())]} for r in results]
+                 "predicted": classes[int(r["probs"].argmax())], "not_sure": int(unsure(r["probs"], threshold))}
+                for r in results]
         nin.save_csv(rows, args.out_dir / "predictions.csv")
         print(f"wrote {args.out_dir / 'predictions.csv'}")
-    fig = (single_figure(results[0], classes, args.top_k, args.heatmap) if len(results) == 1
-           else grid_figure(results, classes, args.heatmap))
+    fig = (single_figure(results[0], classes, args.top_k, args.heatmap, threshold) if len(results) == 1
+           else grid_figure(results, classes, args.heatmap, not_sure_below=threshold))
     show_or_save(fig, args.save)
 
 
-def evaluate_folder(model, classes: list[str], image_size: int, args, device) -> None:
+def evaluate_folder(model, classes: list[str], image_size: int, calibration: nin.Calibration, args,
+                    device) -> None:
     paths, labels = labelled_images(args.eval, classes)
     label_of = dict(zip(paths, labels, strict=True))
-    results = run_batches(model, paths, image_size, args, device)
+    results = run_batches(model, paths, image_size, args, device, calibration.temperature)
     targets = torch.tensor([label_of[r["path"]] for r in results])
     probs = torch.stack([r["probs"] for r in results])
+    raw = torch.stack([r["map"].mean((1, 2)) for r in results]).softmax(1)  # without the temperature
+    threshold = calibration.not_sure_below if args.not_sure is None else args.not_sure
+    reliability = calibration_summary(raw, probs, targets, threshold)
     k = min(args.top_k, len(classes))
     top1 = probs.argmax(1)
     topk_hit = (probs.topk(k).indices == targets[:, None]).any(1)
@@ -291,13 +328,17 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
             for r, t, p, q in zip(results, targets.tolist(), top1.tolist(), probs, strict=True)]
     mistakes = sorted((i for i, row in enumerate(rows) if not row["correct"]), key=lambda i: -rows[i]["probability"])
     summary = {"images": len(results), "top1": round(float((top1 == targets).float().mean()), 4),
-               f"top{k}": round(float(topk_hit.float().mean()), 4)}
+               f"top{k}": round(float(topk_hit.float().mean()), 4), **reliability}
     if args.json:
         print(json.dumps({**summary, "confusion_matrix": cm.tolist(), "classes": classes,
                           "mistakes": [rows[i] for i in mistakes[:MISTAKES_SHOWN]]}, indent=2))
     else:
         print(f"{len(results)} images of {args.eval}: top-1 accuracy {summary['top1']:.2%}, "
               f"top-{k} {summary[f'top{k}']:.2%}" + (" (flip TTA)" if args.tta else ""))
+        print(f"calibration ({calibration.fitted_on}): temperature {calibration.temperature:.3f}, expected "
+              f"calibration error {reliability['ece_raw']:.2%} raw, {reliability['ece']:.2%} calibrated; "
+              f"'not sure' below {threshold:.0%}: {reliability['answered']:.1%} of the photos answered, "
+              f"{reliability['answered_accuracy']:.2%} of them right")
         print(nin.classification_report(cm, classes))
         width = max(len(c) for c in classes)
         print("\nconfusion matrix (rows: true, columns: predicted)")
@@ -311,7 +352,8 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
     out = args.out_dir
     nin.save_csv(rows, out / "eval_predictions.csv")
     nin.save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
-    written = [out / "eval_predictions.csv", out / "eval_confusion.png"]
+    reliability_figure(raw, probs, targets, calibration.temperature, out / "eval_reliability.png")
+    written = [out / "eval_predictions.csv", out / "eval_confusion.png", out / "eval_reliability.png"]
     if mistakes:
         gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
         titles = [f"{rows[i]['predicted']} {rows[i]['probability']:.0%}\n(true {rows[i]['true']})"
@@ -322,17 +364,101 @@ def evaluate_folder(model, classes: list[str], image_size: int, args, device) ->
         print("wrote " + ", ".join(map(str, written)))
 
 
+def calibration_summary(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor,
+                        threshold: float) -> dict[str, float]:
+    """Expected calibration error before and after the temperature, and what the 'not sure' threshold keeps."""
+    answered = probs.max(1).values >= threshold
+    right = probs.argmax(1) == targets
+    return {"ece_raw": round(nin.expected_calibration_error(raw, targets), 4),
+            "ece": round(nin.expected_calibration_error(probs, targets), 4),
+            "answered": round(float(answered.float().mean()), 4),
+            "answered_accuracy": round(float(right[answered].float().mean()) if answered.any() else 0.0, 4)}
+
+
+def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, temperature: float,
+                       path: Path) -> None:
+    """Accuracy against confidence in 15 bins, raw and calibrated, beside the diagonal a calibrated model
+    follows; the bars' widths show how many photos each bin holds."""
+    plt = nin.pyplot_for_files()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for name, p, colour in (("raw softmax", raw, "tab:orange"), (f"temperature {temperature:.2f}", probs, "tab:blue")):
+        confidence, predicted = p.max(1)
+        which = (confidence * 15).long().clamp(max=14)
+        points = [(confidence[which == b].mean().item(), (predicted == targets)[which == b].float().mean().item(),
+                   int((which == b).sum())) for b in range(15) if (which == b).any()]
+        ece = nin.expected_calibration_error(p, targets)
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color=colour,
+                label=f"{name}: ECE {ece:.1%}")
+        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=[4 + n for _, _, n in points],
+                   color=colour, alpha=0.3)
+    ax.set_xlabel("top probability (binned)")
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title(f"reliability, {len(targets)} photos (dot size: photos per bin)", fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    nin.save_figure(fig, path)
+
+
+def held_out_logits(source: Path, model, classes: list[str], image_size: int, args, device,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of held-out photos: scored here from a labelled folder, or read from bench/cv.py's
+    oof_predictions.csv (its log-probabilities: the softmax of log p is p, whatever the logits were)."""
+    if source.is_dir():
+        paths, labels = labelled_images(source, classes)
+        label_of = dict(zip(paths, labels, strict=True))
+        results = run_batches(model, paths, image_size, args, device)
+        return (torch.stack([r["map"].mean((1, 2)) for r in results]),
+                torch.tensor([label_of[r["path"]] for r in results]))
+    if not source.is_file():
+        raise nin.CLIError(f"--calibrate {source}: no such folder or file")
+    with open(source, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    columns = [f"p_{c}" for c in classes]
+    if not rows or not set(columns) <= set(rows[0]) or "label" not in rows[0]:
+        raise nin.CLIError(f"{source} is not an oof_predictions.csv for the classes {nin.few(classes)}")
+    try:
+        probs = torch.tensor([[float(r[c]) for c in columns] for r in rows], dtype=torch.float64)
+        labels = torch.tensor([classes.index(r["label"]) for r in rows])
+    except ValueError as error:
+        raise nin.CLIError(f"{source}: {error}") from None
+    return probs.clamp(min=1e-45).log(), labels  # 0 where float32 underflowed
+
+
+def calibrate_weights(model, classes: list[str], image_size: int, args, device) -> None:
+    """--calibrate: fit, report, and store the temperature and the 'not sure' threshold in --weights."""
+    logits, labels = held_out_logits(args.calibrate, model, classes, image_size, args, device)
+    temperature = nin.fit_temperature(logits, labels)
+    raw, probs = logits.softmax(1), (logits / temperature).softmax(1)
+    threshold = nin.not_sure_threshold(probs, labels)
+    summary = calibration_summary(raw, probs, labels, threshold)
+    calibration = nin.Calibration(temperature, round(threshold, 4), f"{len(labels)} photos of {args.calibrate}")
+    saved = nin.load_torch(args.weights, "weights")
+    saved["calibration"] = dataclasses.asdict(calibration)
+    nin.save_torch(saved, args.weights)
+    print(f"fitted on {len(labels)} photos of {args.calibrate}: temperature {temperature:.3f}; expected calibration "
+          f"error {summary['ece_raw']:.2%} raw, {summary['ece']:.2%} calibrated (on these same photos)")
+    print(f"'not sure' below {threshold:.1%} (keeps 95 % of the photos answered right): {summary['answered']:.1%} "
+          f"of these photos answered, {summary['answered_accuracy']:.2%} of them right")
+    print(f"stored in {args.weights}")
+
+
 def main() -> None:
     args = parse_args()
-    if not args.json and not args.eval:  # a figure may be shown: an invalid MPLBACKEND is one line now
+    if not (args.json or args.eval or args.calibrate):  # a figure may be shown: a bad MPLBACKEND is one line now
         figure_formats()
     check_outputs(args)
     device = nin.pick_device(args.device)
-    model, classes, image_size = load_model(args.weights, args.class_idx, device)
-    if args.eval:
-        evaluate_folder(model, classes, image_size, args, device)
+    model, classes, image_size, calibration = load_model(args.weights, args.class_idx, device)
+    if args.calibrate:
+        calibrate_weights(model, classes, image_size, args, device)
+    elif args.eval:
+        evaluate_folder(model, classes, image_size, calibration, args, device)
     else:
-        predict_images(model, classes, image_size, args, device)
+        predict_images(model, classes, image_size, calibration, args, device)
 
 
 if __name__ == "__main__":

@@ -349,3 +349,91 @@ def test_a_sliver_of_an_image_is_refused_from_its_header(trained, photos, tmp_pa
     result = run("predict.py", tmp_path / "sliver.png", photos[("red", "RGB")], "--json", "--weights",
                  trained["weights"], "--class-idx", trained["class_idx"], cwd=tmp_path)
     assert "not a photo's shape" in result.stderr and len(json.loads(result.stdout)) == 1
+
+
+def predict_with(weights: Path, trained, *args):
+    """predict.py with other weights than the trained ones (and their class map)."""
+    return run("predict.py", *args, "--weights", weights, "--class-idx", trained["class_idx"],
+               "--out-dir", trained["dir"] / "predict", cwd=trained["dir"])
+
+
+def calibrated_copy(trained, tmp_path, **calibration) -> Path:
+    saved = torch.load(trained["weights"], weights_only=True)
+    saved["calibration"] = {"temperature": 1.0, "not_sure_below": 0.0, "fitted_on": "a test", **calibration}
+    torch.save(saved, tmp_path / "calibrated.pth")
+    return tmp_path / "calibrated.pth"
+
+
+def test_calibrate_on_a_folder_or_on_out_of_fold_predictions(trained, split_data_dir, tmp_path):
+    held_out = tmp_path / "held_out"
+    shutil.copytree(split_data_dir / "val", held_out)
+    for name, other in zip(COLOURS, [*list(COLOURS)[1:], next(iter(COLOURS))], strict=True):  # a few wrong labels,
+        for photo in sorted((held_out / name).glob("*.jpg"))[:2]:  # as real data has: the fit has an optimum
+            photo.rename(held_out / other / f"moved-{photo.name}")
+    weights = calibrated_copy(trained, tmp_path)
+    result = run("predict.py", "--calibrate", held_out, "--weights", weights, "--class-idx",
+                 trained["class_idx"], cwd=tmp_path)
+    calibration = nin.load_calibration(weights)
+    assert f"temperature {calibration.temperature:.3f}" in result.stdout and "held_out" in calibration.fitted_on
+    assert 0 < calibration.not_sure_below < 1
+    # The same photos as bench/cv.py's CSV of probabilities: the same temperature.
+    model, classes, size = nin.load_weights(weights)
+    paths = sorted(held_out.glob("*/*.jpg"))
+    with torch.no_grad():
+        logits = model(nin.normalize(torch.stack([nin.eval_tensor(p, size) for p in paths])))
+    rows = [{"photo": f"{p.parent.name}/{p.name}", "label": p.parent.name,
+             **{f"p_{c}": f"{q:.6g}" for c, q in zip(classes, row.softmax(0).tolist(), strict=True)}}
+            for p, row in zip(paths, logits, strict=True)]
+    nin.save_csv(rows, tmp_path / "oof_predictions.csv")
+    run("predict.py", "--calibrate", tmp_path / "oof_predictions.csv", "--weights", weights, "--class-idx",
+        trained["class_idx"], cwd=tmp_path)
+    assert nin.load_calibration(weights).temperature == pytest.approx(calibration.temperature, rel=1e-2)
+
+
+def test_probabilities_use_the_stored_temperature_and_old_weights_the_raw_softmax(trained, photos, tmp_path):
+    saved = torch.load(trained["weights"], weights_only=True)
+    del saved["calibration"]  # as written before calibration existed
+    torch.save(saved, tmp_path / "old.pth")
+    assert nin.load_calibration(tmp_path / "old.pth") == nin.Calibration()
+    photo = photos[("red", "RGB")]
+    raw = json.loads(predict_with(tmp_path / "old.pth", trained, photo, "--json").stdout)[0]["top"]
+    hot = json.loads(predict_with(calibrated_copy(trained, tmp_path, temperature=4.0), trained, photo, "--json"
+                                  ).stdout)[0]["top"]
+    assert raw[0]["class"] == hot[0]["class"] == "red"  # the temperature never changes the answer...
+    model, _, size = nin.load_weights(trained["weights"])
+    with torch.no_grad():
+        logits = model(nin.normalize(nin.eval_tensor(photo, size)[None]))[0]
+    assert hot[0]["probability"] == pytest.approx(float((logits / 4).softmax(0).max()), abs=1e-4)  # ...only how sure
+    assert hot[0]["probability"] < raw[0]["probability"]
+
+
+def test_not_sure_in_text_json_and_csv(trained, photos, tmp_path):
+    weights = calibrated_copy(trained, tmp_path, not_sure_below=0.999999)
+    images = [photos[("red", "RGB")], photos[("blue", "RGB")]]
+    text = predict_with(weights, trained, *images, "--save", tmp_path / "grid.png").stdout
+    assert text.count("not sure (best guess: ") == 2
+    listed = json.loads(predict_with(weights, trained, *images, "--json").stdout)
+    assert [r["not_sure"] for r in listed] == [True, True]
+    assert [r["not_sure"] for r in read_csv(trained["dir"] / "predict" / "predictions.csv")] == ["1", "1"]
+    sure = json.loads(predict_with(weights, trained, *images, "--json", "--not-sure", "0").stdout)
+    assert [r["not_sure"] for r in sure] == [False, False]  # the flag wins over the stored threshold
+
+
+def test_eval_reports_calibration_and_draws_a_reliability_diagram(trained, split_data_dir, tmp_path):
+    weights = calibrated_copy(trained, tmp_path, temperature=2.0, not_sure_below=0.6)
+    result = predict_with(weights, trained, "--eval", split_data_dir / "val", "--json")
+    report = json.loads(result.stdout)
+    assert 0 <= report["ece"] <= 1 and 0 <= report["ece_raw"] <= 1 and report["ece"] != report["ece_raw"]
+    answered = [float(r["probability"]) >= 0.6 for r in read_csv(trained["dir"] / "predict" / "eval_predictions.csv")]
+    assert report["answered"] == pytest.approx(sum(answered) / len(answered), abs=1e-4)
+    assert (trained["dir"] / "predict" / "eval_reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_temperature_fit_recovers_a_known_temperature():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 5, generator=generator) * 3
+    labels = torch.multinomial((logits / 2.5).softmax(1), 1, generator=generator)[:, 0]  # drawn as if T were 2.5
+    assert nin.fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.1)
+    calibrated = (logits / 2.5).softmax(1)
+    assert nin.expected_calibration_error(calibrated, labels) < 0.03 < nin.expected_calibration_error(
+        logits.softmax(1), labels)  # the raw softmax of these logits is overconfident

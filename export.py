@@ -1,0 +1,109 @@
+"""Export trained NiN weights to ONNX, preprocessing and calibration inside, and check the export against predict.py.
+
+    pip install -r requirements-export.txt
+    python export.py                                  # NiN.pth -> NiN.onnx
+    python export.py --check test_img/*.jpg           # ... and compare it with predict.py on these images
+
+The ONNX graph takes uint8 RGB images [N, S, S, 3], already resized and centre-cropped to the evaluation size S
+(what nin.eval_tensor does: resize the short side to S / 0.875, then crop the centre S x S), normalises them
+itself and returns calibrated probabilities [N, C], so an app cannot feed it differently normalised numbers.
+The file's metadata holds "classes" (JSON list, in output order), "image_size" S and "temperature". Any batch
+size works. --check runs the file with onnxruntime on the images (and on drawn noise and flat colours) and
+refuses it unless every top-1 class matches predict.py's and every probability is within --tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import nin
+import predict
+
+TOLERANCE = 1e-3  # the largest difference in any probability between the export and predict.py
+
+
+class Exported(torch.nn.Module):
+    """NiN with its input preprocessing and calibration: uint8 [N, S, S, 3] in, probabilities [N, C] out."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = nin.normalize(images.permute(0, 3, 1, 2))
+        return (self.model(x) / self.temperature).softmax(1)
+
+
+def export(weights: Path, class_idx: Path, out: Path) -> tuple[list[str], int]:
+    """Write the ONNX file (atomically); its class names and image size."""
+    import onnx
+
+    model, classes, image_size, calibration = predict.load_model(weights, class_idx, torch.device("cpu"))
+    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
+    program = torch.onnx.export(Exported(model, calibration.temperature).eval(), (example,), input_names=["images"],
+                                output_names=["probabilities"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                dynamo=True, verbose=False)
+    nin.normalization_constants.cache_clear()  # tracing cached its own stand-in tensors there
+    graph = program.model_proto
+    onnx.helper.set_model_props(graph, {"classes": json.dumps(classes), "image_size": str(image_size),
+                                        "temperature": str(calibration.temperature),
+                                        "source": f"{weights.name}, exported by export.py"})
+    nin.atomic_write(out, lambda f: f.write(graph.SerializeToString()))
+    return classes, image_size
+
+
+def check(onnx_path: Path, weights: Path, class_idx: Path, images: list[Path], tolerance: float) -> str:
+    """Compare the export with predict.py on the images and on drawn ones; a one-line report, or CLIError."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model, _, image_size, calibration = predict.load_model(weights, class_idx, torch.device("cpu"))
+    photos = [nin.eval_tensor(path, image_size) for path in predict.expand(images)]
+    generator = torch.Generator().manual_seed(0)
+    drawn = [torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=generator)
+             for _ in range(4)]
+    drawn += [torch.full((3, image_size, image_size), v, dtype=torch.uint8) for v in (0, 128, 255)]
+    batch = torch.stack(photos + drawn)
+    expected, _ = predict.classify(model, batch, temperature=calibration.temperature)
+    got = torch.from_numpy(session.run(None, {"images": batch.permute(0, 2, 3, 1).numpy()})[0])
+    same_top1 = bool((got.argmax(1) == expected.argmax(1)).all())
+    largest = float((got - expected).abs().max())
+    report = (f"{len(batch)} images ({len(photos)} photos, {len(drawn)} drawn): top-1 "
+              f"{'the same for every one' if same_top1 else 'DIFFERS'}, largest probability difference {largest:.1e}")
+    if not same_top1 or largest > tolerance:
+        raise nin.CLIError(f"the export does not match predict.py: {report}")
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=nin.WEIGHTS_PATH, help="trained weights (default: %(default)s)")
+    p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH, help="class map (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=nin.ROOT / "NiN.onnx", help="the ONNX file (default: %(default)s)")
+    p.add_argument("--check", type=Path, nargs="+", default=None, metavar="IMAGE",
+                   help="images (or folders) to compare the export with predict.py on")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="largest probability difference --check accepts (default: %(default)s)")
+    args = p.parse_args()
+    if not 0 < args.tolerance < 1:
+        p.error("--tolerance must be between 0 and 1")
+    nin.check_output_file(args.out, "--out")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise nin.CLIError(f"{error.name} is not installed: pip install -r requirements-export.txt") from None
+    classes, image_size = export(args.weights, args.class_idx, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB): uint8 images [N, {image_size}, "
+          f"{image_size}, 3] in, probabilities of {', '.join(classes)} out")
+    if args.check:
+        print(f"check against predict.py: {check(args.out, args.weights, args.class_idx, args.check, args.tolerance)}")
+
+
+if __name__ == "__main__":
+    nin.run_cli(main)
