@@ -7,9 +7,10 @@
 #
 # 1. 5-fold cross-validation of the default recipe (`python train.py`), the 5 folds at once on the one GPU;
 # 2. at the same time, the weights to ship: the default recipe on every photo (split_data.py --val-ratio 0);
-# 3. `python train.py --time 60s` on the default split of the squares: what a minute buys on a GPU, and how far
+# 3. the new NiN.pth calibrated on the cross-validation's out-of-fold predictions;
+# 4. `python train.py --time 60s` on the default split of the squares: what a minute buys on a GPU, and how far
 #    the run's predicted wall time is from the actual one;
-# 4. the tables, logs and the new NiN.pth into OUT. Stops itself SECONDS (default 540) after it starts.
+# 5. the tables, logs and the new NiN.pth into OUT. Stops itself SECONDS (default 540) after it starts.
 # Then, here: python predict.py test_img/*.jpg --weights OUT/NiN.pth --class-idx OUT/class_idx.json
 set -u
 DATA=${1:?SQUARES_DIR}; OUT=${2:?OUT_DIR}; BUDGET=${3:-540}
@@ -36,6 +37,10 @@ ALL=$RUNS/all
  echo "all photos: exit $?, wall $((SECONDS - T0)) s" >> $ALL.log) &
 timeout $(( $(left) - 20 )) python3 bench/cv.py --source "$DATA" --folds 5 --parallel 5 --out $RUNS/cv-default
 wait
+
+phase "calibrate the new weights on the cross-validation's out-of-fold predictions"
+python3 predict.py --calibrate $RUNS/cv-default/oof_predictions.csv --weights "$OUT/NiN.pth" \
+  --class-idx "$OUT/class_idx.json"
 
 phase "python train.py --time 60s (default split of the squares)"
 T0=$SECONDS
