@@ -9,13 +9,16 @@ The ONNX graph takes uint8 RGB images [N, S, S, 3], already resized and centre-c
 itself and returns calibrated probabilities [N, C], so an app cannot feed it differently normalised numbers.
 The file's metadata holds "classes" (JSON list, in output order), "image_size" S and "temperature". Any batch
 size works. --check runs the file with onnxruntime on the images (and on drawn noise and flat colours) and
-refuses it unless every top-1 class matches predict.py's and every probability is within --tolerance.
+refuses it unless every top-1 class matches predict.py's and every probability is within --tolerance; it also
+times one image through each (the median of 21 runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -76,7 +79,21 @@ def check(onnx_path: Path, weights: Path, class_idx: Path, images: list[Path], t
               f"{'the same for every one' if same_top1 else 'DIFFERS'}, largest probability difference {largest:.1e}")
     if not same_top1 or largest > tolerance:
         raise nin.CLIError(f"the export does not match predict.py: {report}")
-    return report
+    one = batch[:1]
+    onnx_ms = median_ms(lambda: session.run(None, {"images": one.permute(0, 2, 3, 1).numpy()}))
+    torch_ms = median_ms(lambda: predict.classify(model, one, temperature=calibration.temperature))
+    return f"{report}; one image: {onnx_ms:.1f} ms with onnxruntime, {torch_ms:.1f} ms with predict.py's forward pass"
+
+
+def median_ms(work, runs: int = 21) -> float:
+    """The median wall time of work() in milliseconds, after one untimed call."""
+    work()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def main() -> None:

@@ -469,8 +469,9 @@ def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, wo
             nin.warn(f"ignored a damaged cache file {cache_file}")
     images, labels = decode_all(samples, to_tensor, image_size, workers, desc)
     try:
-        for stale in cache_dir.glob(f"{desc}-{image_size}px-*.pt"):
-            stale.unlink(missing_ok=True)
+        for stale in [*cache_dir.glob(f"{desc}-{image_size}px-*.pt"), *cache_dir.glob(f".{desc}-*.pt.*.tmp")]:
+            if stale.suffix == ".pt" or time.time() - stale.stat().st_mtime > nin.STALE_SECONDS:  # a killed run's
+                stale.unlink(missing_ok=True)
         nin.save_torch({"images": images, "labels": labels}, cache_file)
     except OSError as error:  # a read-only or full data folder: train all the same, decode again next time
         nin.warn(f"could not keep the decoded photos in {cache_dir} ({error.strerror or error}): training goes on")
