@@ -7,7 +7,8 @@
 The ONNX graph takes uint8 RGB images [N, S, S, 3], already resized and centre-cropped to the evaluation size S
 (what nin.eval_tensor does: resize the short side to S / 0.875, then crop the centre S x S), normalises them
 itself and returns calibrated probabilities [N, C], so an app cannot feed it differently normalised numbers.
-The file's metadata holds "classes" (JSON list, in output order), "image_size" S and "temperature". Any batch
+The file's metadata holds "classes" (JSON list, in output order), "image_size" S, "temperature" and
+"not_sure_below" (answer "not sure" when the top probability is below it). Any batch
 size works. --check runs the file with onnxruntime on the images (and on drawn noise and flat colours) and
 refuses it unless every top-1 class matches predict.py's and every probability is within --tolerance; it also
 times one image through each (the median of 21 runs).
@@ -54,6 +55,7 @@ def export(weights: Path, class_idx: Path, out: Path) -> tuple[list[str], int]:
     graph = program.model_proto
     onnx.helper.set_model_props(graph, {"classes": json.dumps(classes), "image_size": str(image_size),
                                         "temperature": str(calibration.temperature),
+                                        "not_sure_below": str(calibration.not_sure_below),
                                         "source": f"{weights.name}, exported by export.py"})
     nin.atomic_write(out, lambda f: f.write(graph.SerializeToString()))
     return classes, image_size
@@ -65,7 +67,10 @@ def check(onnx_path: Path, weights: Path, class_idx: Path, images: list[Path], t
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     model, _, image_size, calibration = predict.load_model(weights, class_idx, torch.device("cpu"))
-    photos = [nin.eval_tensor(path, image_size) for path in predict.expand(images)]
+    try:
+        photos = [nin.eval_tensor(path, image_size) for path in predict.expand(images)]
+    except nin.UnreadableImage as error:
+        raise nin.CLIError(f"--check: cannot read {error}") from None
     generator = torch.Generator().manual_seed(0)
     drawn = [torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=generator)
              for _ in range(4)]

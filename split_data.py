@@ -226,6 +226,10 @@ def write_split(classes: dict[str, list[Path]], sides: dict[Path, str | None], o
                 move_halves(out, new)
         except BaseException:
             if not (current.is_symlink() and os.readlink(current) == new.name):  # cut before the switch
+                for half in ("train", "val"):  # a split from before links, moved aside: put back
+                    if (new / f"previous-{half}").exists() and not (out / half).is_dir():
+                        remove(out / half)
+                        os.replace(new / f"previous-{half}", out / half)
                 remove(new)
             raise
         if in_use is not None:
@@ -248,6 +252,8 @@ def fill(folder: Path, classes: dict[str, list[Path]], sides: dict[Path, str | N
 def switch_link(out: Path, new: Path) -> None:
     """Point out/.split at new, atomically; out/train and out/val (made once) point into out/.split."""
     for half in ("train", "val"):
+        if (out / half).is_symlink() and os.readlink(out / half) != str(Path(".split") / half):
+            (out / half).unlink()  # a link of the user's own, elsewhere: this split replaces it
         if not (out / half).is_symlink():
             if (out / half).exists():  # a split made before links were used: moved into the new folder, removed
                 os.replace(out / half, new / f"previous-{half}")

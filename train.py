@@ -101,6 +101,8 @@ def main() -> None:
         learner.load_state_dict(checkpoint)
         progress = Progress.from_checkpoint(checkpoint, args)
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
+        if args.time and clock.spent_before >= args.time:
+            raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: nothing more to train")
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch} "
                 f"(best val acc {progress.best_acc:.4f})")
     pace = pace or measure_pace(args, len(data.classes), data.steps, len(data.val[1]) if data.val else 0, run)
@@ -137,7 +139,9 @@ def main() -> None:
 
 
 def arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No abbreviated flags: --epoch would slip past the check that --time and --epochs are not both given.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
                    help="how long the whole run may take, like 90s, 30m or 1h30m: it measures a few steps here, "
@@ -221,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (0 <= args.seed < 2**31, "--seed must be between 0 and 2147483647"),
               (0 <= args.workers <= 256, "--workers must be between 0 and 256"),
               (args.time is None or "epochs" not in explicit_flags(argv if argv is not None else sys.argv[1:]),
-               "give --time or --epochs, not both: --time chooses the epochs")]
+               "give --time or --epochs, not both: --time chooses the epochs"),
+              (args.time is None or not args.no_cache, "--time plans from the decode-once cache: not with --no-cache")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -449,9 +454,8 @@ def decode_all(samples: list[tuple[str, int]], to_tensor, image_size: int, worke
             torch.tensor([samples[i][1] for i in keep], dtype=torch.long))
 
 
-def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int, desc: str,
-                  cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """decode_all, remembered in cache_dir under a key made of the file list (names, sizes, times) and size."""
+def cache_path(samples: list[tuple[str, int]], to_tensor, image_size: int, desc: str, cache_dir: Path) -> Path:
+    """Where cached_decode keeps these photos at this size: the name changes when any of them changes."""
     key = hashlib.sha256(f"{to_tensor.__name__}:{image_size}".encode())
     for path, label in samples:
         try:
@@ -460,7 +464,13 @@ def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, wo
         except OSError:  # a dangling link or a loop: skipped with a warning when decoded
             size = mtime = 0
         key.update(f"{path}:{label}:{size}:{mtime}\n".encode(errors="surrogateescape"))
-    cache_file = cache_dir / f"{desc}-{image_size}px-{key.hexdigest()[:16]}.pt"
+    return cache_dir / f"{desc}-{image_size}px-{key.hexdigest()[:16]}.pt"
+
+
+def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int, desc: str,
+                  cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_all, remembered in cache_dir under a key made of the file list (names, sizes, times) and size."""
+    cache_file = cache_path(samples, to_tensor, image_size, desc, cache_dir)
     if cache_file.is_file():
         try:
             cached = nin.load_torch(cache_file, "cache")
@@ -863,23 +873,31 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
                     clock: Clock, run: Run) -> tuple[argparse.Namespace, Pace]:
     """The settings that fill --time here: the default recipe with as many epochs as fit (at most its own),
     or, when fewer than MIN_DEFAULT_EPOCHS of it fit, the short recipe with as many epochs as fit. Flags
-    given on the command line are kept in both. Decoding is estimated from a sample of photos."""
+    given on the command line are kept in both. Decoding is estimated from a sample of photos. Under
+    torchrun every process measures both recipes and the first one's choice is everyone's."""
     train_set, val_set = photos
     num_classes, val_photos = len(train_set.classes), len(val_set or [])
     short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
+    plans = []
     for name, recipe in (("default", {}), ("short", short)):
         candidate = argparse.Namespace(**{**vars(args), **recipe, "epochs": EPOCHS})
         steps = steps_per_epoch(len(train_set), per_process_batch(candidate, run), run.world)
         pace = measure_pace(candidate, num_classes, steps, val_photos, run)
-        decoding = estimate_decoding(train_set, val_set, candidate.image_size, candidate.workers)
+        decoding = estimate_decoding(train_set, val_set, candidate, run)
         available = PLAN_SHARE * args.time - clock.spent() - decoding
-        fitted = fit_epochs(candidate, pace, steps, available, args.time)
-        if fitted is not None and (name == "short" or fitted.epochs >= MIN_DEFAULT_EPOCHS):
-            break
+        plans.append((name, candidate, pace, decoding, fit_epochs(candidate, pace, steps, available, args.time)))
+    default_fits = plans[0][4] is not None and plans[0][4].epochs >= MIN_DEFAULT_EPOCHS
+    name, candidate, pace, decoding, fitted = plans[0 if default_fits else 1]
     if fitted is None:
         one_epoch = steps * min(pace.step.values()) + pace.val
         raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: decoding takes about "
                            f"{format_duration(decoding)} and one epoch about {format_duration(one_epoch)}")
+    if dist.is_initialized():  # the processes' clocks differ a little: the first one's plan is everyone's
+        choice = [(name, fitted.epochs, fitted.val_every)]
+        dist.broadcast_object_list(choice, src=0)
+        name, epochs, every = choice[0]
+        candidate, pace = next((c, p) for n, c, p, _, _ in plans if n == name)
+        fitted = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
     run.say(f"--time {format_duration(args.time)}: the {name} recipe, {fitted.epochs} epochs at "
             f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
             + ("every epoch" if fitted.val_every == 1 else f"every {fitted.val_every} epochs and the last "
@@ -901,12 +919,20 @@ def fit_epochs(candidate: argparse.Namespace, pace: Pace, steps: int, available:
     return fitted
 
 
-def estimate_decoding(train_set: ImageFolder, val_set: ImageFolder | None, image_size: int, workers: int) -> float:
-    """Seconds to decode the photos at this size: near nothing when train.py's cache holds them already, else
-    timed on a sample."""
+def estimate_decoding(train_set: ImageFolder, val_set: ImageFolder | None, args: argparse.Namespace,
+                      run: Run) -> float:
+    """Seconds to decode the photos for these settings: nothing much when train.py's cache holds them already,
+    else timed on a sample."""
+    cache_dir = args.data_dir / CACHE_FOLDER
+    sets = [(train_set.samples, train_tensor, "train"), *([(val_set.samples, nin.eval_tensor, "val")] if val_set
+                                                          else [])]
+    if all(cache_path(samples, to_tensor, args.image_size, desc, cache_dir).is_file() for samples, to_tensor, desc
+           in sets):
+        return 0.0
     sample = train_set.samples[:: max(len(train_set) // 16, 1)][:16]
     start = time.perf_counter()
-    nin.decode_images([path for path, _ in sample], train_tensor, image_size, workers, "timing", progress=False)
+    nin.decode_images([path for path, _ in sample], train_tensor, args.image_size, args.workers, "timing",
+                      progress=False)
     per_photo = (time.perf_counter() - start) / len(sample)
     return per_photo * (len(train_set) + len(val_set or []))
 
@@ -1023,10 +1049,14 @@ class Saver:
 
     def resume(self, checkpoint: dict, learner: Learner) -> None:
         """Take the kept weights from the checkpoint, and write NiN.pth from them: a kill may have fallen
-        between the two files."""
+        between the two files. A calibration stored in NiN.pth since (predict.py --calibrate) is kept."""
         self.best = checkpoint.get("best_model")
         if self.run.main and (self.keep_last or self.best is not None):
-            self.write_weights(learner)
+            calibration = None
+            if self.args.weights.is_file():
+                with contextlib.suppress(nin.CLIError):
+                    calibration = nin.load_calibration(self.args.weights)
+            self.write_weights(learner, calibration)
 
     def after_epoch(self, learner: Learner, progress: Progress, improved: bool, last: bool) -> None:
         if not self.run.main:
@@ -1050,7 +1080,7 @@ class Saver:
             self.drawn_at = time.monotonic()
         nin.save_csv(progress.history, self.args.out_dir / "metrics.csv")  # last: a complete row = a saved epoch
 
-    def write_weights(self, learner: Learner) -> None:
+    def write_weights(self, learner: Learner, calibration: nin.Calibration | None = None) -> None:
         """NiN.pth: the last epoch's weights (--keep last) or the best epoch's."""
         model = learner.final
         if not self.keep_last:
@@ -1058,7 +1088,7 @@ class Saver:
                 return
             model = copy.deepcopy(learner.final).cpu()
             model.load_state_dict(self.best)
-        nin.save_weights(model, self.classes, self.args.image_size, self.args.weights)
+        nin.save_weights(model, self.classes, self.args.image_size, self.args.weights, calibration)
 
 
 def rng_state() -> dict:
@@ -1124,8 +1154,9 @@ def save_curves(progress: Progress, path: Path) -> None:
     if validated:
         best = progress.best_row()
         acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
+        last = [h for h in history if h["val_acc"] != ""][-1]  # the last validated epoch
         acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']}; "
-                         f"last {history[-1]['val_acc']:.1%})")
+                         f"last {last['val_acc']:.1%})")
     else:
         acc_ax.set_title("accuracy (no validation photos)")
     loss_ax.set_title("loss (train: augmented, mixed, smoothed labels)")

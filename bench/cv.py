@@ -121,11 +121,12 @@ def finish_fold(folder: Path, fold: int, source: Path, seconds: float, workers: 
              **{f"p_{c}": f"{p:.6g}" for c, p in zip(classes, row.tolist(), strict=True)},
              "predicted": classes[int(row.argmax())]} for (path, label), row in zip(samples, probs, strict=True)]
     history = list(csv.DictReader(open(folder / "run" / "metrics.csv", newline="")))
-    best = max(history, key=lambda h: float(h["val_acc"]))
+    validated = [h for h in history if h["val_acc"] != ""]  # a --time run may skip some epochs' validation
+    best = max(validated, key=lambda h: float(h["val_acc"]))
     checkpoint = nin.load_torch(folder / "run" / "checkpoint.pth", "checkpoint")
     result = {"fold": fold, "photos": len(rows), "classes": classes,
               "last_correct": sum(r["predicted"] == r["label"] for r in rows),
-              "last_acc_in_training": float(history[-1]["val_acc"]), "epochs": len(history),
+              "last_acc_in_training": float(validated[-1]["val_acc"]), "epochs": len(history),
               "best_acc": float(best["val_acc"]), "best_epoch": int(best["epoch"]),
               "best_confusion": checkpoint["best_confusion"].tolist(), "train_seconds": round(seconds, 1)}
     nin.save_csv(rows, folder / "predictions.csv")

@@ -416,3 +416,29 @@ def test_photos_only_in_a_subfolder_get_a_hint(source, tmp_path):
     for photo in list((source / "blue").glob("*.jpg")):
         photo.rename(source / "blue" / "more" / photo.name)
     assert_clean_error(split(source, tmp_path / "data", check=False), "blue", "subfolders of blue are not used")
+
+
+def test_a_split_from_before_links_is_put_back_when_the_first_switch_is_cut(source, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    draw(data / "train" / "red" / "old.jpg", COLOURS["red"], seed=1)  # as an older split_data.py left it
+    draw(data / "val" / "red" / "old-val.jpg", COLOURS["red"], seed=2)
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(dst).name == ".split":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(split_data.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        split_data.write_split(*split_args(source), data)
+    assert (data / "train" / "red" / "old.jpg").is_file() and (data / "val" / "red" / "old-val.jpg").is_file()
+
+
+def test_a_link_of_the_users_own_is_replaced_by_the_split(source, tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "my_photos"
+    draw(elsewhere / "red" / "mine.jpg", COLOURS["red"], seed=3)
+    data.mkdir()
+    (data / "train").symlink_to(elsewhere)
+    split(source, data)
+    assert "red/mine.jpg" not in sides(data) and (elsewhere / "red" / "mine.jpg").is_file()

@@ -409,8 +409,20 @@ def test_bad_durations_are_one_line_errors(tmp_path, text):
     assert_clean_error(run("train.py", "--time", text, cwd=tmp_path, check=False), "--time")
 
 
-def test_time_and_epochs_together_are_refused(tmp_path):
-    assert_clean_error(run("train.py", "--time", "30m", "--epochs", "5", cwd=tmp_path, check=False), "not both")
+@pytest.mark.parametrize("flags,named", [(["--epochs", "5"], "not both"), (["--epoch", "5"], "--epoch"),
+                                         (["--no-cache"], "not with --no-cache")])
+def test_time_with_flags_it_cannot_plan_around_is_refused(tmp_path, flags, named):
+    assert_clean_error(run("train.py", "--time", "30m", *flags, cwd=tmp_path, check=False), named)
+
+
+def test_curves_of_a_run_whose_last_epoch_was_not_validated(tmp_path):
+    import train
+
+    progress = train.Progress()
+    for epoch, cm in ((1, torch.tensor([[3, 1], [0, 4]])), (2, None)):  # epoch 2 skipped validation
+        progress.record(epoch, 1.0, 0.5, None if cm is None else 0.7, cm, 0.05, 64, 1.0)
+    train.save_curves(progress, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def synthetic_pace(step: float, val: float):
