@@ -98,8 +98,11 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
     weights, class_idx = tmp_path / "NiN.pth", tmp_path / "class_idx.json"
     flags = [*TRAIN_FLAGS, "--epochs", "6", "--data-dir", split_data_dir, "--out-dir", out,
              "--weights", weights, "--class-idx", class_idx]
+    # SIG_DFL first: a shell that starts jobs in the background makes them ignore Ctrl-C, and Python then
+    # never turns it into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, ROOT / "train.py", *map(str, flags)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
