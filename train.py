@@ -959,21 +959,23 @@ class Clock:
 
     def out_of_time(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
                     run: Run) -> bool:
-        """--time: whether the epochs left would end past the limit at the pace of the last epochs (the
-        machine may have slowed down). Then this epoch becomes the last, and the run ends on time with the
-        weights it has: stopping early keeps the schedule laid out in epochs, the same on every machine and
-        after --resume, where a schedule driven by the clock would not be. The same answer in every process."""
+        """--time: whether one more epoch, validated, would end past the limit at the pace of the last epochs
+        (the machine may be slower than measured, or have slowed down). Then this epoch becomes the last, and
+        the run ends on time with the weights it has: looking one epoch ahead spends the whole budget, and
+        stopping early keeps the schedule laid out in epochs the same on every machine and after --resume,
+        where a schedule driven by the clock would not. The same answer in every process."""
         if args.time is None:
             return False
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
         # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
         slowdown = max(statistics.median(self.slowness[1:][-3:]), 1.0) if len(self.slowness) > 1 else 1.0
-        left = slowdown * (pace.val + pace.seconds(args, steps, epoch + 1))
-        stop = torch.tensor(float(self.spent() + left > args.time), device=run.device)
+        this_val = pace.val if validates(epoch, args.epochs, args.val_every) else 0.0
+        next_epoch = slowdown * pace.training(args, steps, epoch + 1) + pace.val  # validated, as it may be last
+        stop = torch.tensor(float(self.spent() + this_val + next_epoch > args.time), device=run.device)
         if all_reduce_sum(stop).item() == 0:
             return False
-        run.say(f"stopping after epoch {epoch} of {args.epochs}: at this pace the rest would end past --time "
-                f"{format_duration(args.time)}", write=tqdm.write)
+        run.say(f"stopping after epoch {epoch} of {args.epochs}: another epoch would end past --time "
+                f"{format_duration(args.time)} at this pace", write=tqdm.write)
         return True
 
     def report(self, epochs_done: int, args: argparse.Namespace) -> str:
@@ -1129,7 +1131,7 @@ def summary(progress: Progress, classes: list[str], keep_last: bool, weights: Pa
     """The end-of-run report: the best epoch's scores, and the last epoch's accuracy beside the best one (the
     best was chosen on these same photos, so it reads high), naming the epoch whose weights were saved."""
     last = progress.history[-1]
-    if progress.best_cm is None:
+    if not any(h["val_acc"] != "" for h in progress.history):
         return f"\nno validation photos: {weights.name} holds the last epoch's weights (epoch {last['epoch']})"
     best = progress.best_row()
     held = f"the last epoch's (epoch {last['epoch']})" if keep_last else f"the best epoch's (epoch {best['epoch']})"
@@ -1146,7 +1148,7 @@ def save_curves(progress: Progress, path: Path) -> None:
     history = progress.history
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
-    validated = progress.best_cm is not None
+    validated = any(h["val_acc"] != "" for h in history)
     for split, style in (("train", "-"), ("val", "o-"))[:1 + validated]:
         for ax, column in ((loss_ax, f"{split}_loss"), (acc_ax, f"{split}_acc")):
             shown = [(h["epoch"], h[column]) for h in history if h[column] != ""]  # epochs without validation
