@@ -335,9 +335,9 @@ def evaluate_folder(model, classes: list[str], image_size: int, calibration: nin
     else:
         print(f"{len(results)} images of {args.eval}: top-1 accuracy {summary['top1']:.2%}, "
               f"top-{k} {summary[f'top{k}']:.2%}" + (" (flip TTA)" if args.tta else ""))
-        print(f"calibration ({calibration.fitted_on}): temperature {calibration.temperature:.3f}, expected "
-              f"calibration error {reliability['ece_raw']:.2%} raw, {reliability['ece']:.2%} calibrated; "
-              f"'not sure' below {threshold:.0%}: {reliability['answered']:.1%} of the photos answered, "
+        print(f"calibration ({calibration.fitted_on}): temperature {calibration.temperature:.3f}, "
+              + ece_line(reliability, len(results)))
+        print(f"'not sure' below {threshold:.0%}: {reliability['answered']:.1%} of the photos answered, "
               f"{reliability['answered_accuracy']:.2%} of them right")
         print(nin.classification_report(cm, classes))
         width = max(len(c) for c in classes)
@@ -352,7 +352,7 @@ def evaluate_folder(model, classes: list[str], image_size: int, calibration: nin
     out = args.out_dir
     nin.save_csv(rows, out / "eval_predictions.csv")
     nin.save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
-    reliability_figure(raw, probs, targets, calibration.temperature, out / "eval_reliability.png")
+    reliability_figure(raw, probs, targets, calibration.temperature, threshold, out / "eval_reliability.png")
     written = [out / "eval_predictions.csv", out / "eval_confusion.png", out / "eval_reliability.png"]
     if mistakes:
         gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
@@ -371,34 +371,54 @@ def calibration_summary(raw: torch.Tensor, probs: torch.Tensor, targets: torch.T
     right = probs.argmax(1) == targets
     return {"ece_raw": round(nin.expected_calibration_error(raw, targets), 4),
             "ece": round(nin.expected_calibration_error(probs, targets), 4),
+            "ece_if_calibrated": round(nin.ece_of_a_calibrated_model(probs), 4),
             "answered": round(float(answered.float().mean()), 4),
             "answered_accuracy": round(float(right[answered].float().mean()) if answered.any() else 0.0, 4)}
 
 
+def ece_line(summary: dict[str, float], photos: int) -> str:
+    return (f"expected calibration error {summary['ece_raw']:.2%} raw, {summary['ece']:.2%} calibrated "
+            f"(a perfectly calibrated model would read about {summary['ece_if_calibrated']:.1%} on {photos} photos)")
+
+
 def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, temperature: float,
-                       path: Path) -> None:
-    """Accuracy against confidence in 15 bins, raw and calibrated, beside the diagonal a calibrated model
-    follows; the bars' widths show how many photos each bin holds."""
+                       threshold: float, path: Path) -> None:
+    """Left: accuracy against confidence in 15 bins, raw and calibrated, beside the diagonal a calibrated
+    model follows (dot size: photos per bin). Right: what each 'not sure' threshold would give, the share of
+    photos answered against the accuracy of those answers (a risk-coverage curve), the chosen one marked."""
     plt = nin.pyplot_for_files()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.8))
+    left.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     for name, p, colour in (("raw softmax", raw, "tab:orange"), (f"temperature {temperature:.2f}", probs, "tab:blue")):
         confidence, predicted = p.max(1)
         which = (confidence * 15).long().clamp(max=14)
         points = [(confidence[which == b].mean().item(), (predicted == targets)[which == b].float().mean().item(),
                    int((which == b).sum())) for b in range(15) if (which == b).any()]
         ece = nin.expected_calibration_error(p, targets)
-        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color=colour,
-                label=f"{name}: ECE {ece:.1%}")
-        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=[4 + n for _, _, n in points],
-                   color=colour, alpha=0.3)
-    ax.set_xlabel("top probability (binned)")
-    ax.set_ylabel("accuracy in the bin")
-    ax.set_title(f"reliability, {len(targets)} photos (dot size: photos per bin)", fontsize=10)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
+        left.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color=colour,
+                  label=f"{name}: ECE {ece:.1%}")
+        left.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=[4 + n for _, _, n in points],
+                     color=colour, alpha=0.3)
+    left.set(xlabel="top probability (binned)", ylabel="accuracy in the bin", xlim=(0, 1), ylim=(0, 1.02))
+    left.set_title(f"reliability, {len(targets)} photos (a perfectly calibrated model\nwould read ECE "
+                   f"{nin.ece_of_a_calibrated_model(probs):.1%} on so few)", fontsize=10)
+    left.legend(loc="upper left", fontsize=8)
+
+    confidence, predicted = probs.max(1)
+    order = confidence.argsort(descending=True)
+    answered = torch.arange(1, len(order) + 1) / len(order)
+    accuracy = (predicted == targets)[order].float().cumsum(0) / torch.arange(1, len(order) + 1)
+    right.plot(answered, accuracy, color="tab:blue")
+    kept = confidence >= threshold
+    if kept.any():
+        right.plot(float(kept.float().mean()), float((predicted == targets)[kept].float().mean()), "o",
+                   color="tab:red", label=f"'not sure' below {threshold:.0%}")
+        right.legend(loc="lower left", fontsize=8)
+    right.set(xlabel="share of photos answered (the rest: 'not sure')", ylabel="accuracy of the answered photos",
+              xlim=(0, 1.02))
+    right.set_title("what a 'not sure' threshold trades", fontsize=10)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     nin.save_figure(fig, path)
 
@@ -439,8 +459,8 @@ def calibrate_weights(model, classes: list[str], image_size: int, args, device) 
     saved = nin.load_torch(args.weights, "weights")
     saved["calibration"] = dataclasses.asdict(calibration)
     nin.save_torch(saved, args.weights)
-    print(f"fitted on {len(labels)} photos of {args.calibrate}: temperature {temperature:.3f}; expected calibration "
-          f"error {summary['ece_raw']:.2%} raw, {summary['ece']:.2%} calibrated (on these same photos)")
+    print(f"fitted on {len(labels)} photos of {args.calibrate}: temperature {temperature:.3f}; "
+          f"on these same photos, {ece_line(summary, len(labels))}")
     print(f"'not sure' below {threshold:.1%} (keeps 95 % of the photos answered right): {summary['answered']:.1%} "
           f"of these photos answered, {summary['answered_accuracy']:.2%} of them right")
     print(f"stored in {args.weights}")

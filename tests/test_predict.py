@@ -424,6 +424,7 @@ def test_eval_reports_calibration_and_draws_a_reliability_diagram(trained, split
     result = predict_with(weights, trained, "--eval", split_data_dir / "val", "--json")
     report = json.loads(result.stdout)
     assert 0 <= report["ece"] <= 1 and 0 <= report["ece_raw"] <= 1 and report["ece"] != report["ece_raw"]
+    assert 0 < report["ece_if_calibrated"] < 1
     answered = [float(r["probability"]) >= 0.6 for r in read_csv(trained["dir"] / "predict" / "eval_predictions.csv")]
     assert report["answered"] == pytest.approx(sum(answered) / len(answered), abs=1e-4)
     assert (trained["dir"] / "predict" / "eval_reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -437,3 +438,13 @@ def test_temperature_fit_recovers_a_known_temperature():
     calibrated = (logits / 2.5).softmax(1)
     assert nin.expected_calibration_error(calibrated, labels) < 0.03 < nin.expected_calibration_error(
         logits.softmax(1), labels)  # the raw softmax of these logits is overconfident
+
+
+def test_ece_floor_is_what_a_calibrated_model_reads_on_so_few_photos():
+    generator = torch.Generator().manual_seed(0)
+    probs = (torch.randn(20 * 300, 5, generator=generator) * 1.2).softmax(1)
+    labels = torch.multinomial(probs, 1, generator=generator)[:, 0]  # calibrated by construction
+    measured = [nin.expected_calibration_error(probs[i:i + 300], labels[i:i + 300]) for i in range(0, 6000, 300)]
+    floor = nin.ece_of_a_calibrated_model(probs[:300])
+    assert sum(measured) / len(measured) == pytest.approx(floor, rel=0.2)
+    assert nin.ece_of_a_calibrated_model(probs) < floor / 3  # 20 times the photos: about a fourth of the floor
