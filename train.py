@@ -119,8 +119,11 @@ def main() -> None:
             size = training_size(epoch, args.epochs, args.start_size, args.image_size)
             train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
                                                     desc=f"epoch {epoch}/{args.epochs} ({size} px)")
-            last = epoch == args.epochs or clock.out_of_time(pace, args, data.steps, epoch,
-                                                             time.perf_counter() - start, run)
+            fits = clock.epochs_that_fit(pace, args, data.steps, epoch, time.perf_counter() - start, run)
+            if fits < args.epochs:  # --time on a machine slower than measured
+                args.epochs = fits
+                learner.shorten(fits)
+            last = epoch == args.epochs
             validate = data.val is not None and (last or validates(epoch, args.epochs, args.val_every))
             val_loss, val_cm = evaluate(learner.final, *data.val, len(data.classes), run) if validate else (None, None)
             improved = progress.record(epoch, train_loss, train_acc, val_loss, val_cm, lr, size,
@@ -324,6 +327,12 @@ def per_process_batch(args: argparse.Namespace, run: Run) -> int:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
 
 
@@ -628,8 +637,11 @@ class Learner:
     def __init__(self, model: nin.NiN, args: argparse.Namespace, steps_per_epoch: int, run: Run) -> None:
         self.model = model.to(run.device, memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, args.optimizer, args.lr, args.momentum, args.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, args.schedule, args.epochs, steps_per_epoch,
-                                        args.warmup_epochs, args.step_epochs)
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, args.epochs * steps_per_epoch
+        self.warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), self.total_steps - 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per batch
+            self.optimizer, lambda step: lr_factor(step, self.total_steps, args.schedule, self.warmup_steps,
+                                                   args.step_epochs * steps_per_epoch))
         self.mixer = make_mixer(args.mixup, args.cutmix, model.num_classes)
         self.ema = make_ema(self.model, args.ema) if args.ema > 0 else None
         self.label_smoothing, self.min_crop_scale, self.run = args.label_smoothing, args.min_crop_scale, run
@@ -661,14 +673,24 @@ class Learner:
             self.ema.update_parameters(self.model)
         return loss, logits
 
+    def shorten(self, epochs: int) -> None:
+        """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (--time,
+        on a machine slower than measured): squeezed, it still ends at 0 on the last step."""
+        self.total_steps = epochs * self.steps_per_epoch
+        self.warmup_steps = min(self.warmup_steps, self.total_steps - 1)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])  # with the learning rate of the step it stopped at
+        # The rate is a function of the step: only the step count is needed (it reads the scheduler of a
+        # checkpoint written before the schedule was one function, too).
+        self.scheduler.last_epoch = state["scheduler"]["last_epoch"]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
@@ -685,18 +707,14 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float
     return optimizer(groups, lr=lr, betas=(momentum, 0.999))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int,
-                   warmup_epochs: float, step_epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per batch."""
+def lr_factor(step: int, total: int, schedule: str, warmup: int, step_every: int) -> float:
+    """The learning rate at a step, over --lr. "cosine": a linear warmup over `warmup` steps from 1/warmup,
+    then half a cosine down to 0 at step `total`; "step": x0.1 every `step_every` steps."""
     if schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_epochs * steps_per_epoch, gamma=0.1)
-    total = epochs * steps_per_epoch
-    warmup = min(round(warmup_epochs * steps_per_epoch), total - 1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total - warmup)
-    if warmup == 0:
-        return cosine
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+        return 0.1 ** (step // step_every)
+    if step < warmup:
+        return 1 / warmup + (1 - 1 / warmup) * step / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
 
 
 def make_mixer(mixup: float, cutmix: float, num_classes: int) -> RandomChoice | None:
@@ -957,26 +975,41 @@ class Clock:
         within = "" if args.time is None else f" of the {format_duration(args.time)} allowed"
         run.say(f"this run should take about {format_duration(self.predicted)}{within} here{hint}")
 
-    def out_of_time(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
-                    run: Run) -> bool:
-        """--time: whether one more epoch, validated, would end past the limit at the pace of the last epochs
-        (the machine may be slower than measured, or have slowed down). Then this epoch becomes the last, and
-        the run ends on time with the weights it has: looking one epoch ahead spends the whole budget, and
-        stopping early keeps the schedule laid out in epochs the same on every machine and after --resume,
-        where a schedule driven by the clock would not. The same answer in every process."""
+    def epochs_that_fit(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
+                        run: Run) -> int:
+        """--time, after each epoch: how many epochs the run can have in all and still end within the limit, at
+        the pace of its last epochs (the machine may be slower than measured, or have slowed down). While the
+        plan fits, that is args.epochs; when it no longer does, fewer (the caller lays the learning-rate
+        schedule and the training sizes out again for them); when not even one more epoch fits, `epoch`.
+        Shortening the plan rather than stopping at the limit keeps what makes the end of a run good: the
+        learning rate annealed to 0 and the last epochs at the full image size. The plan only ever shrinks:
+        a machine faster than measured ends early rather than stretch a schedule it is half-way through.
+        The same answer in every process."""
         if args.time is None:
-            return False
+            return args.epochs
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
         # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
         slowdown = max(statistics.median(self.slowness[1:][-3:]), 1.0) if len(self.slowness) > 1 else 1.0
-        this_val = pace.val if validates(epoch, args.epochs, args.val_every) else 0.0
-        next_epoch = slowdown * pace.training(args, steps, epoch + 1) + pace.val  # validated, as it may be last
-        stop = torch.tensor(float(self.spent() + this_val + next_epoch > args.time), device=run.device)
-        if all_reduce_sum(stop).item() == 0:
-            return False
-        run.say(f"stopping after epoch {epoch} of {args.epochs}: another epoch would end past --time "
-                f"{format_duration(args.time)} at this pace", write=tqdm.write)
-        return True
+        # This epoch may be validated; half the slack a plan leaves stays for what follows the last epoch
+        # (saving, drawing), the other half absorbs noise without shrinking the plan.
+        left = (1 + PLAN_SHARE) / 2 * args.time - self.spent() - pace.val
+        fits = epoch
+        for epochs in range(args.epochs, epoch, -1):
+            plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
+            rest = sum(slowdown * pace.training(plan, steps, e) + (pace.val if validates(e, epochs, args.val_every)
+                                                                   else 0.0) for e in range(epoch + 1, epochs + 1))
+            if rest <= left:
+                fits = epochs
+                break
+        fits = int(all_reduce_min(torch.tensor(fits, device=run.device)).item())
+        if fits == epoch < args.epochs:
+            run.say(f"stopping after epoch {epoch} of {args.epochs}: another epoch would end past --time "
+                    f"{format_duration(args.time)} at this pace", write=tqdm.write)
+        elif fits < args.epochs:
+            run.say(f"this machine runs at {1 / slowdown:.0%} of the measured pace: {fits} epochs in all instead "
+                    f"of {args.epochs}, to end within --time {format_duration(args.time)} (the learning rate and "
+                    f"the training sizes laid out again for them)", write=tqdm.write)
+        return fits
 
     def report(self, epochs_done: int, args: argparse.Namespace) -> str:
         spent = self.spent()

@@ -488,10 +488,86 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     torch.save(checkpoint, tmp_path / "run" / "checkpoint.pth")
     start = time.monotonic()
     resumed = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path)
-    assert time.monotonic() - start < 3 + 5  # the rest of the budget, and seconds to load and save
-    assert f"of {planned}: another epoch would end past --time" in resumed.stdout
+    assert time.monotonic() - start < 3 + 5, resumed.stdout  # the rest of the budget, and seconds to load and save
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
-    assert 2 <= len(rows) < planned and rows[-1]["val_acc"] != ""  # stopped early, the last epoch validated
+    assert 2 <= len(rows) < planned and rows[-1]["val_acc"] != ""  # ended early, the last epoch validated
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["args"]["epochs"] == len(rows)
+    assert "to end within --time 60 s" in resumed.stdout or "another epoch would end past --time" in resumed.stdout
+
+
+def cpu_run():
+    import train
+
+    return train.Run(torch.device("cpu"), 0, 1, torch.autocast("cpu", enabled=False),
+                     torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_a_plan_shrinks_when_the_machine_runs_slower_than_measured():
+    import train
+
+    args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
+    args.epochs, args.val_every = 40, 1
+    pace, steps = synthetic_pace(step=0.1, val=0.1), 10  # 1 s a 160-px epoch
+    on_pace = train.Clock()
+    on_pace.spent_before = 12.0
+    assert on_pace.epochs_that_fit(pace, args, steps, 10, pace.training(args, steps, 10), cpu_run()) == 40
+
+    slowed = train.Clock()
+    for epoch in (1, 2, 3, 4):  # twice the measured pace from epoch 2 on
+        slowed.spent_before = 70.0
+        seconds = (1 if epoch == 1 else 2) * pace.training(args, steps, epoch)
+        fits = slowed.epochs_that_fit(pace, args, steps, epoch, seconds, cpu_run())
+    assert 4 < fits < 40
+    left = (1 + train.PLAN_SHARE) / 2 * 100 - slowed.spent() - pace.val
+
+    def rest(epochs: int) -> float:
+        plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
+        return sum(2 * pace.training(plan, steps, e) + pace.val for e in range(5, epochs + 1))
+    assert rest(fits) <= left < rest(fits + 1)  # the most epochs that still end on time at the slower pace
+
+    slowed.spent_before = 99.5
+    assert slowed.epochs_that_fit(pace, args, steps, 5, 2 * pace.training(args, steps, 5), cpu_run()) == 5  # stop
+
+
+def test_a_shortened_schedule_still_anneals_to_zero_at_its_new_end():
+    import train
+
+    args = train.parse_args(["--epochs", "10", "--image-size", "64", "--warmup-epochs", "1"])
+    learner = train.Learner(train.make_model(3, args), args, steps_per_epoch=5, run=cpu_run())
+    for _ in range(15):  # three epochs of a ten-epoch cosine
+        learner.optimizer.step()
+        learner.scheduler.step()
+    before = learner.lr
+    learner.shorten(5)
+    assert learner.lr < before  # the cosine jumped ahead...
+    for _ in range(10):
+        learner.optimizer.step()
+        learner.scheduler.step()
+    assert learner.lr == pytest.approx(0.0, abs=1e-12)  # ...and reaches 0 at the end of epoch 5
+
+
+def test_a_machine_that_slows_down_midway_ends_on_time_with_the_schedule_finished(split_data_dir, tmp_path,
+                                                                                 monkeypatch):
+    """--time's contract when the machine slows down: every normalised batch costs 0.1 s more from 8 s on,
+    the plan shrinks, and the run still ends within its budget (no process start-up: it runs in this one),
+    at the full image size with the learning rate annealed to 0."""
+    start, normalize = time.monotonic(), nin.normalize
+
+    def slowed(batch: torch.Tensor) -> torch.Tensor:
+        if time.monotonic() - start > 8:
+            time.sleep(0.1)
+        return normalize(batch)
+    monkeypatch.setattr(nin, "normalize", slowed)
+    result = run("train.py", "--time", "25s", "--data-dir", split_data_dir, "--image-size", "64", "--workers", "2",
+                 "--out-dir", tmp_path / "run", "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json",
+                 cwd=tmp_path)
+    assert time.monotonic() - start < 25 + 2  # the budget, and the seconds of Python before train.py's clock
+    assert "of the measured pace" in result.stdout
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert checkpoint["args"]["epochs"] == len(rows) < 120  # the shrunk plan, run to its end
+    assert rows[-1]["size"] == "64" and rows[-1]["val_acc"] != ""
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] < 1e-9
 
 
 def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_good_weights(split_data_dir, tmp_path, monkeypatch):
