@@ -1,4 +1,4 @@
-"""bench/: the sweep driver and cross-validation (the throughput benchmark prints timings only, so it is run by
+"""bench/: the sweep driver, cross-validation and the budget table (the throughput benchmark prints timings only,
 hand)."""
 
 from __future__ import annotations
@@ -93,3 +93,30 @@ def test_cross_validation_refuses_to_mix_recipes_in_one_folder(tmp_path):
     result = run("bench/cv.py", "--source", source, "--out", tmp_path / "cv", "--", "--epochs", "3", cwd=tmp_path,
                  check=False)
     assert_clean_error(result, "other settings")
+
+
+def fake_cross_validation(folder, flags: list[str], folds: list[tuple[int, int, float]]) -> None:
+    """A bench/cv.py folder as its run leaves it: cv.json, and folds.csv with (photos, right, seconds) per fold."""
+    folder.mkdir()
+    (folder / "cv.json").write_text(json.dumps({"folds": 5, "split_seed": 0, "source": "x", "train_flags": flags}))
+    with open(folder / "folds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["fold", "photos", "last_correct", "train_seconds"])
+        writer.writeheader()
+        writer.writerows({"fold": i, "photos": n, "last_correct": right, "train_seconds": s}
+                         for i, (n, right, s) in enumerate(folds))
+
+
+def test_budgets_pool_each_cross_validation_and_plot_them_by_time(tmp_path):
+    fake_cross_validation(tmp_path / "long", ["--time", "1h"], [(600, 540, 3590.0), (700, 610, 3580.0)])
+    fake_cross_validation(tmp_path / "short", ["--time=10m", "--seed", "1"], [(650, 500, 601.5)])
+    result = run("bench/budgets.py", tmp_path / "long", tmp_path / "short", "--save", tmp_path / "b.png",
+                 cwd=tmp_path)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 10 min") or line.startswith("| 1 h")]
+    assert rows[0].startswith("| 10 min | 1 of 5 | 76.92% (500/650;")  # sorted by budget, not by argument
+    assert rows[0].endswith("| 601.5 s / 600 s |")  # the slowest fold, over its budget, shows it
+    assert rows[1].startswith("| 1 h 00 min | 2 of 5 | 88.46% (1,150/1,300;")
+    assert rows[1].endswith("| 3,590.0 s / 3,600 s |")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+    fake_cross_validation(tmp_path / "no-time", ["--epochs", "3"], [(10, 9, 5.0)])
+    assert_clean_error(run("bench/budgets.py", tmp_path / "no-time", cwd=tmp_path, check=False), "no --time")

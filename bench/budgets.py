@@ -1,0 +1,90 @@
+"""What does more time buy? The pooled out-of-fold accuracy of `train.py --time` runs against their budget,
+one bench/cv.py folder per budget, as a table and a plot.
+
+    python bench/cv.py --folds 5 --out runs/cv-time30 -- --time 30m      # one folder per budget, then:
+    python bench/budgets.py runs/cv-time10 runs/cv-time30 runs/cv-time60 --save docs/accuracy_vs_time.png
+
+For each folder: the budget, the folds finished, the pooled last-epoch accuracy over their photos with its
+95 % interval, and the longest fold's train.py wall time (from process start to exit), which says whether
+every fold kept its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cv.py, beside this file
+import cv
+import nin
+import train
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", type=Path, help="bench/cv.py --out folders of train.py --time runs")
+    p.add_argument("--save", type=Path, default=nin.RUNS_DIR / "accuracy_vs_time.png",
+                   help="where the plot goes (default: %(default)s)")
+    args = p.parse_args()
+    nin.check_output_file(args.save, "--save")
+    return args
+
+
+def budget_row(folder: Path) -> dict:
+    """One cross-validation folder: its --time budget (seconds), folds, pooled accuracy and slowest fold."""
+    if not (folder / "cv.json").is_file() or not (folder / "folds.csv").is_file():
+        raise nin.CLIError(f"{folder} holds no finished bench/cv.py run (cv.json and folds.csv)")
+    settings = json.loads((folder / "cv.json").read_text())
+    budget = train.parse_args(settings["train_flags"]).time
+    if budget is None:
+        raise nin.CLIError(f"{folder}: its train.py flags have no --time ({' '.join(settings['train_flags'])})")
+    with open(folder / "folds.csv", newline="") as f:
+        folds = list(csv.DictReader(f))
+    correct, photos = sum(int(r["last_correct"]) for r in folds), sum(int(r["photos"]) for r in folds)
+    return {"budget": budget, "folds": f"{len(folds)} of {settings['folds']}", "correct": correct,
+            "photos": photos, "interval": cv.wilson(correct, photos),
+            "slowest": max(float(r["train_seconds"]) for r in folds)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| --time | folds | pooled out-of-fold accuracy, last epoch (95 % interval) | slowest fold / budget |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {train.format_duration(r['budget'])} | {r['folds']} | {cv.accuracy_text(r['correct'], r['photos'])} "
+              f"| {r['slowest']:,.1f} s / {r['budget']:,.0f} s |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = nin.pyplot_for_files()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    minutes = [r["budget"] / 60 for r in rows]
+    accuracy = [100 * r["correct"] / r["photos"] for r in rows]
+    below = [a - 100 * r["interval"][0] for a, r in zip(accuracy, rows, strict=True)]
+    above = [100 * r["interval"][1] - a for a, r in zip(accuracy, rows, strict=True)]
+    ax.errorbar(minutes, accuracy, yerr=[below, above], fmt="o-", capsize=4)
+    for x, y in zip(minutes, accuracy, strict=True):
+        ax.annotate(f"{y:.1f} %", (x, y), textcoords="offset points", xytext=(8, -4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xticks(minutes, [train.format_duration(r["budget"]) for r in rows])
+    ax.minorticks_off()
+    ax.set(xlabel="python train.py --time", ylabel="pooled out-of-fold accuracy (%)")
+    ax.set_title("what more time buys (last epoch; bars: 95 % interval)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    nin.save_figure(fig, path)
+
+
+def main() -> None:
+    args = parse_args()
+    rows = sorted((budget_row(folder) for folder in args.folders), key=lambda r: r["budget"])
+    print(table(rows))
+    plot(rows, args.save)
+    print(f"wrote {args.save}")
+
+
+if __name__ == "__main__":
+    nin.run_cli(main)
