@@ -801,8 +801,10 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
                 "label_smoothing": 0.2, "weight_decay": 1e-3}
 # A budget that fits fewer epochs of the default recipe than this gets the short recipe: mixup and CutMix only
-# pay in long runs (bench/RESULTS.md).
-MIN_DEFAULT_EPOCHS = 60
+# pay in long runs (bench/RESULTS.md, sweeps B and C: at 60 epochs they did not help, at 90 and 120 they were
+# part of the best recipes). Not 60: `--time 30m` on a 2-core CPU fits about 60 epochs of the default recipe,
+# and noise in the timed steps flipped its choice of recipe from one run to the next.
+MIN_DEFAULT_EPOCHS = 90
 PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs saving, drawing and noise
 VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
 VAL_LAST_EPOCHS = 3  # ... but the last epochs are always validated
