@@ -9,6 +9,12 @@ Same model, batch size, image size and optimizer step in all three, measured one
   device (train.py's defaults);
 - classic: ImageFolder + per-sample PIL RandomResizedCrop/flip/ToTensor/Normalize + DataLoader workers.
 Needs data/train (python split_data.py). The one-off decoding of the cache is timed separately.
+
+Then two speed-ups that a CPU might want, each against the plain one in the same run:
+- the model-only training step at each thread count of --threads (torch's default is one per core);
+- evaluation (validation and predict.py's forward pass): the network as it is, and with each batch norm
+  folded into the convolution before it (torch.fx's `fuse`; training cannot fold them, its batch statistics
+  change every step).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -39,6 +46,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--workers", type=int, default=train.WORKERS,
                    help="decoding threads / classic DataLoader workers (default: %(default)s)")
+    p.add_argument("--threads", type=lambda text: [int(n) for n in text.split(",")],
+                   default=sorted({1, torch.get_num_threads()}),
+                   help="thread counts to time the model-only step at, comma-separated (default: 1 and torch's "
+                        "own, %(default)s)")
     return p.parse_args()
 
 
@@ -119,6 +130,25 @@ def main() -> None:
     classic = images_per_second(forever(lambda: loader), classic_step, bs, args.warmup, args.steps, device)
     print(f"classic pipeline  {classic:8.1f} img/s   ({args.workers} DataLoader workers)")
     print(f"project / model-only = {project / model_only:.1%}   project / classic = {project / classic:.2f}x")
+
+    # 4. threads, for the model-only training step
+    default_threads = torch.get_num_threads()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        rate = images_per_second(itertools.repeat((x, y)), step, bs, args.warmup, args.steps, device)
+        print(f"model only, {threads:2d} threads {rate:8.1f} img/s")
+    torch.set_num_threads(default_threads)
+
+    # 5. evaluation, with and without the batch norms folded into the convolutions
+    model.eval()
+    folded = fuse(model)
+    with torch.no_grad():
+        difference = (model(x) - folded(x)).abs().max().item()
+        for name, network in (("as it is", model), ("batch norm folded", folded)):
+            rate = images_per_second(itertools.repeat((x, y)), lambda x, _, network=network: network(x), bs,
+                                     args.warmup, args.steps, device)
+            print(f"evaluation, {name:<17} {rate:8.1f} img/s")
+    print(f"largest logit difference, folded or not: {difference:.1e}")
 
 
 if __name__ == "__main__":
