@@ -69,7 +69,7 @@ CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
 # What a checkpoint written before these flags existed was trained with (not today's defaults).
 BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best",
-                       "time": None, "val_every": 1}
+                       "time": None, "val_every": 1, "plan_epochs": None}
 # Writing the checkpoint and NiN.pth takes a sizeable share of a GPU epoch, so after an epoch they are saved
 # only when this long has passed since the last save, and after the last epoch; a CPU epoch is longer than
 # this, so there every epoch is saved.
@@ -120,9 +120,9 @@ def main() -> None:
             train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
                                                     desc=f"epoch {epoch}/{args.epochs} ({size} px)")
             fits = clock.epochs_that_fit(pace, args, data.steps, epoch, time.perf_counter() - start, run)
-            if fits < args.epochs:  # --time on a machine slower than measured
+            if fits != args.epochs:  # --time on a machine slower than measured, or that has sped up again
                 args.epochs = fits
-                learner.shorten(fits)
+                learner.reschedule(fits)
             last = epoch == args.epochs
             validate = data.val is not None and (last or validates(epoch, args.epochs, args.val_every))
             val_loss, val_cm = evaluate(learner.final, *data.val, len(data.classes), run) if validate else (None, None)
@@ -234,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not ok:
             p.error(message)
     args.val_every = 1  # validate after every epoch; a --time plan may validate less often
+    args.plan_epochs = None  # a --time plan's epochs, which a run slowed down for a while may grow back to
     return args
 
 
@@ -638,7 +639,8 @@ class Learner:
         self.model = model.to(run.device, memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, args.optimizer, args.lr, args.momentum, args.weight_decay)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, args.epochs * steps_per_epoch
-        self.warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), self.total_steps - 1)
+        self.planned_warmup = round(args.warmup_epochs * steps_per_epoch)
+        self.warmup_steps = min(self.planned_warmup, self.total_steps - 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per batch
             self.optimizer, lambda step: lr_factor(step, self.total_steps, args.schedule, self.warmup_steps,
                                                    args.step_epochs * steps_per_epoch))
@@ -673,11 +675,11 @@ class Learner:
             self.ema.update_parameters(self.model)
         return loss, logits
 
-    def shorten(self, epochs: int) -> None:
-        """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (--time,
-        on a machine slower than measured): squeezed, it still ends at 0 on the last step."""
+    def reschedule(self, epochs: int) -> None:
+        """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (--time, on
+        a machine slower than measured): squeezed or stretched, it still ends at 0 on the last step."""
         self.total_steps = epochs * self.steps_per_epoch
-        self.warmup_steps = min(self.warmup_steps, self.total_steps - 1)
+        self.warmup_steps = min(self.planned_warmup, self.total_steps - 1)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
@@ -918,6 +920,7 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         name, epochs, every = choice[0]
         candidate, pace = next((c, p) for n, c, p, _, _ in plans if n == name)
         fitted = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
+    fitted.plan_epochs = fitted.epochs
     run.say(f"--time {format_duration(args.time)}: the {name} recipe, {fitted.epochs} epochs at "
             f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
             + ("every epoch" if fitted.val_every == 1 else f"every {fitted.val_every} epochs and the last "
@@ -980,23 +983,22 @@ class Clock:
     def epochs_that_fit(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
                         run: Run) -> int:
         """--time, after each epoch: how many epochs the run can have in all and still end within the limit, at
-        the pace of its last epochs (the machine may be slower than measured, or have slowed down). While the
-        plan fits, that is args.epochs; when it no longer does, fewer (the caller lays the learning-rate
-        schedule and the training sizes out again for them); when not even one more epoch fits, `epoch`.
-        Shortening the plan rather than stopping at the limit keeps what makes the end of a run good: the
-        learning rate annealed to 0 and the last epochs at the full image size. The plan only ever shrinks:
-        a machine faster than measured ends early rather than stretch a schedule it is half-way through.
-        The same answer in every process."""
+        the pace of its last epochs (the machine may be slower than measured, or have slowed down for a
+        while). At most the plan's own epochs; fewer while the plan no longer fits (the caller lays the
+        learning-rate schedule and the training sizes out again for them), and back up as far as the time
+        left allows once the machine is fast again; `epoch` when not even one more epoch fits. Re-planning
+        rather than stopping at the limit keeps what makes the end of a run good: the learning rate annealed
+        to 0 and the last epochs at the full image size. The same answer in every process."""
         if args.time is None:
             return args.epochs
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
         # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
         slowdown = max(statistics.median(self.slowness[1:][-3:]), 1.0) if len(self.slowness) > 1 else 1.0
         # This epoch may be validated; half the slack a plan leaves stays for what follows the last epoch
-        # (saving, drawing), the other half absorbs noise without shrinking the plan.
+        # (saving, drawing), the other half absorbs noise without changing the plan.
         left = (1 + PLAN_SHARE) / 2 * args.time - self.spent() - pace.val
         fits = epoch
-        for epochs in range(args.epochs, epoch, -1):
+        for epochs in range(args.plan_epochs or args.epochs, epoch, -1):
             plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
             rest = sum(slowdown * pace.training(plan, steps, e) + (pace.val if validates(e, epochs, args.val_every)
                                                                    else 0.0) for e in range(epoch + 1, epochs + 1))
@@ -1007,10 +1009,10 @@ class Clock:
         if fits == epoch < args.epochs:
             run.say(f"stopping after epoch {epoch} of {args.epochs}: another epoch would end past --time "
                     f"{format_duration(args.time)} at this pace", write=tqdm.write)
-        elif fits < args.epochs:
-            run.say(f"this machine runs at {1 / slowdown:.0%} of the measured pace: {fits} epochs in all instead "
-                    f"of {args.epochs}, to end within --time {format_duration(args.time)} (the learning rate and "
-                    f"the training sizes laid out again for them)", write=tqdm.write)
+        elif fits != args.epochs:
+            run.say(f"at {1 / slowdown:.0%} of the measured pace: {fits} epochs in all instead of {args.epochs}, "
+                    f"to end within --time {format_duration(args.time)} (the learning rate and the training "
+                    f"sizes laid out again for them)", write=tqdm.write)
         return fits
 
     def report(self, epochs_done: int, args: argparse.Namespace) -> str:

@@ -502,34 +502,42 @@ def cpu_run():
                      torch.amp.GradScaler("cpu", enabled=False))
 
 
-def test_a_plan_shrinks_when_the_machine_runs_slower_than_measured():
+def test_a_plan_shrinks_while_the_machine_runs_slower_than_measured_and_grows_back_after():
     import train
 
     args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
-    args.epochs, args.val_every = 40, 1
+    args.epochs = args.plan_epochs = 40
     pace, steps = synthetic_pace(step=0.1, val=0.1), 10  # 1 s a 160-px epoch
     on_pace = train.Clock()
     on_pace.spent_before = 12.0
     assert on_pace.epochs_that_fit(pace, args, steps, 10, pace.training(args, steps, 10), cpu_run()) == 40
 
-    slowed = train.Clock()
+    clock = train.Clock()
     for epoch in (1, 2, 3, 4):  # twice the measured pace from epoch 2 on
-        slowed.spent_before = 70.0
+        clock.spent_before = 50.0
         seconds = (1 if epoch == 1 else 2) * pace.training(args, steps, epoch)
-        fits = slowed.epochs_that_fit(pace, args, steps, epoch, seconds, cpu_run())
+        fits = clock.epochs_that_fit(pace, args, steps, epoch, seconds, cpu_run())
     assert 4 < fits < 40
-    left = (1 + train.PLAN_SHARE) / 2 * 100 - slowed.spent() - pace.val
+    left = (1 + train.PLAN_SHARE) / 2 * 100 - clock.spent() - pace.val
 
-    def rest(epochs: int) -> float:
+    def rest(epochs: int, slowdown: float, after: int) -> float:
         plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
-        return sum(2 * pace.training(plan, steps, e) + pace.val for e in range(5, epochs + 1))
-    assert rest(fits) <= left < rest(fits + 1)  # the most epochs that still end on time at the slower pace
+        return sum(slowdown * pace.training(plan, steps, e) + pace.val for e in range(after + 1, epochs + 1))
+    assert rest(fits, 2, 4) <= left < rest(fits + 1, 2, 4)  # the most epochs that end on time at the slower pace
 
-    slowed.spent_before = 99.5
-    assert slowed.epochs_that_fit(pace, args, steps, 5, 2 * pace.training(args, steps, 5), cpu_run()) == 5  # stop
+    args.epochs = fits  # as train.py does
+    for epoch in (5, 6, 7):  # the measured pace again
+        clock.spent_before = 68.0
+        grown = clock.epochs_that_fit(pace, args, steps, epoch, pace.training(args, steps, epoch), cpu_run())
+    assert fits < grown < 40  # more than while slowed, fewer than planned: the slow epochs took their time
+    left = (1 + train.PLAN_SHARE) / 2 * 100 - clock.spent() - pace.val
+    assert rest(grown, 1, 7) <= left < rest(grown + 1, 1, 7)
+
+    clock.spent_before = 99.5
+    assert clock.epochs_that_fit(pace, args, steps, 8, pace.training(args, steps, 8), cpu_run()) == 8  # stop
 
 
-def test_a_shortened_schedule_still_anneals_to_zero_at_its_new_end():
+def test_a_rescheduled_run_still_anneals_to_zero_at_its_new_end():
     import train
 
     args = train.parse_args(["--epochs", "10", "--image-size", "64", "--warmup-epochs", "1"])
@@ -538,7 +546,7 @@ def test_a_shortened_schedule_still_anneals_to_zero_at_its_new_end():
         learner.optimizer.step()
         learner.scheduler.step()
     before = learner.lr
-    learner.shorten(5)
+    learner.reschedule(5)
     assert learner.lr < before  # the cosine jumped ahead...
     for _ in range(10):
         learner.optimizer.step()
