@@ -361,8 +361,9 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 def calibration_gap(confidence: torch.Tensor, correct: torch.Tensor, bins: int) -> float:
-    """sum over bins of (photos in bin / photos) * |accuracy - mean confidence| = sum |right - confidence| / n."""
-    which = (confidence * bins).long().clamp(max=bins - 1)
+    """The sum over bins of (photos in the bin / photos) * |accuracy - mean confidence in the bin|, that is, of
+    |photos right - sum of their confidences| over all photos."""
+    which = (confidence * bins).long().clamp(0, bins - 1)
     gap = torch.bincount(which, weights=correct, minlength=bins) - torch.bincount(which, confidence, minlength=bins)
     return float(gap.abs().sum() / len(confidence))
 

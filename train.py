@@ -113,7 +113,7 @@ def main() -> None:
         saver.resume(checkpoint, learner)
         set_rng_state(checkpoint.get("rng"), args.seed, progress.epoch, run)
     with resume_hint_on_ctrl_c(saver, args.out_dir):
-        for epoch in range(progress.epoch + 1, args.epochs + 1):
+        for epoch in range(progress.epoch + 1, (args.plan_epochs or args.epochs) + 1):  # --time may re-plan
             start = time.perf_counter()
             lr = learner.lr
             size = training_size(epoch, args.epochs, args.start_size, args.image_size)
@@ -592,8 +592,12 @@ def training_size(epoch: int, epochs: int, start_size: int, image_size: int) -> 
     fraction of a full-size one, and the last stage trains at the size that validation and predict.py use,
     so the weights and batch-norm statistics end up tuned to it. A run of fewer epochs than stages skips the
     smallest sizes, so that it too ends at image_size."""
-    sizes = [*range(start_size or image_size, image_size, SIZE_STEP), image_size][-epochs:]
+    sizes = stage_sizes(start_size, image_size)[-epochs:]
     return sizes[(epoch - 1) * len(sizes) // epochs]
+
+
+def stage_sizes(start_size: int, image_size: int) -> list[int]:
+    return [*range(start_size or image_size, image_size, SIZE_STEP), image_size]
 
 
 def random_resized_crop_flip(images: torch.Tensor, size: int, min_scale: float) -> torch.Tensor:
@@ -677,7 +681,7 @@ class Learner:
 
     def reschedule(self, epochs: int) -> None:
         """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (--time, on
-        a machine slower than measured): squeezed or stretched, it still ends at 0 on the last step."""
+        a machine slower than measured): squeezed or stretched, the cosine still ends at 0 on the last step."""
         self.total_steps = epochs * self.steps_per_epoch
         self.warmup_steps = min(self.planned_warmup, self.total_steps - 1)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
@@ -859,7 +863,7 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
     timed validation batch. The random-number streams are put back afterwards, so the run is the same as
     without the measurement."""
     batch = per_process_batch(args, run)
-    sizes = sorted({training_size(e, args.epochs, args.start_size, args.image_size) for e in range(1, args.epochs + 1)})
+    sizes = stage_sizes(args.start_size, args.image_size)  # all of them: a --time run may re-plan its stages
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         learner = Learner(make_model(num_classes, args), args, steps, run)
         side = nin.resize_size(args.image_size)
@@ -960,6 +964,19 @@ def estimate_decoding(train_set: ImageFolder, val_set: ImageFolder | None, args:
     return per_photo * (len(train_set) + len(val_set or []))
 
 
+def most_epochs_within(seconds: float, pace: Pace, args: argparse.Namespace, steps: int, epoch: int,
+                       slowdown: float) -> int:
+    """The most epochs in all, from `epoch` up to the --time plan's own, whose epochs after `epoch` take at
+    most `seconds` at `slowdown` times the measured pace, validation included."""
+    for epochs in range(args.plan_epochs or args.epochs, epoch, -1):
+        plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
+        rest = sum(pace.training(plan, steps, e) + (pace.val if validates(e, epochs, args.val_every) else 0.0)
+                   for e in range(epoch + 1, epochs + 1))
+        if slowdown * rest <= seconds:
+            return epochs
+    return epoch
+
+
 class Clock:
     """The run's wall time: since this process started, plus earlier runs of the same training (--resume);
     the prediction made before the first epoch, and the --time limit."""
@@ -994,17 +1011,13 @@ class Clock:
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
         # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
         slowdown = max(statistics.median(self.slowness[1:][-3:]), 1.0) if len(self.slowness) > 1 else 1.0
-        # This epoch may be validated; half the slack a plan leaves stays for what follows the last epoch
-        # (saving, drawing), the other half absorbs noise without changing the plan.
-        left = (1 + PLAN_SHARE) / 2 * args.time - self.spent() - pace.val
-        fits = epoch
-        for epochs in range(args.plan_epochs or args.epochs, epoch, -1):
-            plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
-            rest = sum(slowdown * pace.training(plan, steps, e) + (pace.val if validates(e, epochs, args.val_every)
-                                                                   else 0.0) for e in range(epoch + 1, epochs + 1))
-            if rest <= left:
-                fits = epochs
-                break
+        done = self.spent() + slowdown * pace.val  # this epoch may be validated
+        # A plan shrinks when it no longer ends within half the slack it was planned with (the other half
+        # stays for saving and drawing after the last epoch), and grows back only as far as it fits within the
+        # plan's own share: between the two, timing noise does not move it.
+        loose = most_epochs_within((1 + PLAN_SHARE) / 2 * args.time - done, pace, args, steps, epoch, slowdown)
+        fits = loose if loose < args.epochs else max(
+            args.epochs, most_epochs_within(PLAN_SHARE * args.time - done, pace, args, steps, epoch, slowdown))
         fits = int(all_reduce_min(torch.tensor(fits, device=run.device)).item())
         if fits == epoch < args.epochs:
             run.say(f"stopping after epoch {epoch} of {args.epochs}: another epoch would end past --time "
