@@ -113,8 +113,8 @@ def main() -> None:
         saver.resume(checkpoint, learner)
         set_rng_state(checkpoint.get("rng"), args.seed, progress.epoch, run)
     with resume_hint_on_ctrl_c(saver, args.out_dir):
-        for epoch in range(progress.epoch + 1, (args.plan_epochs or args.epochs) + 1):  # --time may re-plan
-            start = time.perf_counter()
+        while progress.epoch < args.epochs:  # --time may re-plan args.epochs after any epoch
+            epoch, start = progress.epoch + 1, time.perf_counter()
             lr = learner.lr
             size = training_size(epoch, args.epochs, args.start_size, args.image_size)
             train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
@@ -130,8 +130,6 @@ def main() -> None:
                                        time.perf_counter() - start)
             saver.after_epoch(learner, progress, improved, last=last)
             run.say(progress.line(args.epochs, improved), write=tqdm.write)
-            if last:
-                break
     run.say(summary(progress, data.classes, saver.keep_last, args.weights))
     run.say(clock.report(progress.epoch, args))
     run.say(f"weights in {args.weights}, classes in {args.class_idx}; curves"
@@ -680,8 +678,8 @@ class Learner:
         return loss, logits
 
     def reschedule(self, epochs: int) -> None:
-        """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (--time, on
-        a machine slower than measured): squeezed or stretched, the cosine still ends at 0 on the last step."""
+        """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (when --time
+        re-plans): squeezed or stretched, the cosine still ends at 0 on the last step."""
         self.total_steps = epochs * self.steps_per_epoch
         self.warmup_steps = min(self.planned_warmup, self.total_steps - 1)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
@@ -859,11 +857,11 @@ class Pace:
 
 
 def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_photos: int, run: Run) -> Pace:
-    """A few timed steps of a throwaway network on random images at each training size of the run, and one
-    timed validation batch. The random-number streams are put back afterwards, so the run is the same as
-    without the measurement."""
+    """A few timed steps of a throwaway network on random images at each training size of the run (of its
+    --time plan, which a re-plan stays within), and one timed validation batch. The random-number streams are
+    put back afterwards, so the run is the same as without the measurement."""
     batch = per_process_batch(args, run)
-    sizes = stage_sizes(args.start_size, args.image_size)  # all of them: a --time run may re-plan its stages
+    sizes = stage_sizes(args.start_size, args.image_size)[-(args.plan_epochs or args.epochs):]
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         learner = Learner(make_model(num_classes, args), args, steps, run)
         side = nin.resize_size(args.image_size)
@@ -970,9 +968,7 @@ def most_epochs_within(seconds: float, pace: Pace, args: argparse.Namespace, ste
     most `seconds` at `slowdown` times the measured pace, validation included."""
     for epochs in range(args.plan_epochs or args.epochs, epoch, -1):
         plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
-        rest = sum(pace.training(plan, steps, e) + (pace.val if validates(e, epochs, args.val_every) else 0.0)
-                   for e in range(epoch + 1, epochs + 1))
-        if slowdown * rest <= seconds:
+        if slowdown * pace.seconds(plan, steps, epoch + 1) <= seconds:
             return epochs
     return epoch
 
