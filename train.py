@@ -641,8 +641,7 @@ class Learner:
         self.model = model.to(run.device, memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, args.optimizer, args.lr, args.momentum, args.weight_decay)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, args.epochs * steps_per_epoch
-        self.planned_warmup = round(args.warmup_epochs * steps_per_epoch)
-        self.warmup_steps = min(self.planned_warmup, self.total_steps - 1)
+        self.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per batch
             self.optimizer, lambda step: lr_factor(step, self.total_steps, args.schedule, self.warmup_steps,
                                                    args.step_epochs * steps_per_epoch))
@@ -681,7 +680,6 @@ class Learner:
         """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (when --time
         re-plans): squeezed or stretched, the cosine still ends at 0 on the last step."""
         self.total_steps = epochs * self.steps_per_epoch
-        self.warmup_steps = min(self.planned_warmup, self.total_steps - 1)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
@@ -712,10 +710,12 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int, step_every: int) -> float:
-    """The learning rate at a step, over --lr. "cosine": a linear warmup over `warmup` steps from 1/warmup,
-    then half a cosine down to 0 at step `total`; "step": x0.1 every `step_every` steps."""
+    """The learning rate at a step, over --lr. "cosine": a linear warmup over `warmup` steps from 1/warmup
+    (at most all steps but the last), then half a cosine down to 0 at step `total`; "step": x0.1 every
+    `step_every` steps."""
     if schedule == "step":
         return 0.1 ** (step // step_every)
+    warmup = min(warmup, total - 1)
     if step < warmup:
         return 1 / warmup + (1 - 1 / warmup) * step / warmup
     return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
