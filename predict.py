@@ -352,7 +352,8 @@ def evaluate_folder(model, classes: list[str], image_size: int, calibration: nin
     out = args.out_dir
     nin.save_csv(rows, out / "eval_predictions.csv")
     nin.save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
-    reliability_figure(raw, probs, targets, calibration.temperature, threshold, out / "eval_reliability.png")
+    reliability_figure(raw, probs, targets, calibration.temperature, threshold, reliability,
+                       out / "eval_reliability.png")
     written = [out / "eval_predictions.csv", out / "eval_confusion.png", out / "eval_reliability.png"]
     if mistakes:
         gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
@@ -365,8 +366,9 @@ def evaluate_folder(model, classes: list[str], image_size: int, calibration: nin
 
 
 def calibration_summary(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor,
-                        threshold: float) -> dict[str, float]:
-    """Expected calibration error before and after the temperature, and what the 'not sure' threshold keeps."""
+                        threshold: float | torch.Tensor) -> dict[str, float]:
+    """Expected calibration error before and after the temperature, and what the 'not sure' threshold (one, or
+    one per photo) keeps."""
     answered = probs.max(1).values >= threshold
     right = probs.argmax(1) == targets
     return {"ece_raw": round(nin.expected_calibration_error(raw, targets), 4),
@@ -382,26 +384,27 @@ def ece_line(summary: dict[str, float], photos: int) -> str:
 
 
 def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, temperature: float,
-                       threshold: float, path: Path) -> None:
+                       threshold: float, summary: dict[str, float], path: Path) -> None:
     """Left: accuracy against confidence in 15 bins, raw and calibrated, beside the diagonal a calibrated
     model follows (dot size: photos per bin). Right: what each 'not sure' threshold would give, the share of
-    photos answered against the accuracy of those answers (a risk-coverage curve), the chosen one marked."""
+    photos answered against the accuracy of those answers (a risk-coverage curve), the chosen one marked.
+    `summary` is calibration_summary's, for the figures the plot names."""
     plt = nin.pyplot_for_files()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.8))
     left.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
-    for name, p, colour in (("raw softmax", raw, "tab:orange"), (f"temperature {temperature:.2f}", probs, "tab:blue")):
+    for name, p, ece, colour in (("raw softmax", raw, summary["ece_raw"], "tab:orange"),
+                                 (f"temperature {temperature:.2f}", probs, summary["ece"], "tab:blue")):
         confidence, predicted = p.max(1)
         which = (confidence * 15).long().clamp(max=14)
         points = [(confidence[which == b].mean().item(), (predicted == targets)[which == b].float().mean().item(),
                    int((which == b).sum())) for b in range(15) if (which == b).any()]
-        ece = nin.expected_calibration_error(p, targets)
         left.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color=colour,
                   label=f"{name}: ECE {ece:.1%}")
         left.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=[4 + n for _, _, n in points],
                      color=colour, alpha=0.3)
     left.set(xlabel="top probability (binned)", ylabel="accuracy in the bin", xlim=(0, 1), ylim=(0, 1.02))
     left.set_title(f"reliability, {len(targets)} photos (a perfectly calibrated model\nwould read ECE "
-                   f"{nin.ece_of_a_calibrated_model(probs):.1%} on so few)", fontsize=10)
+                   f"{summary['ece_if_calibrated']:.1%} on so few)", fontsize=10)
     left.legend(loc="upper left", fontsize=8)
 
     confidence, predicted = probs.max(1)
@@ -409,10 +412,9 @@ def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Te
     answered = torch.arange(1, len(order) + 1) / len(order)
     accuracy = (predicted == targets)[order].float().cumsum(0) / torch.arange(1, len(order) + 1)
     right.plot(answered, accuracy, color="tab:blue")
-    kept = confidence >= threshold
-    if kept.any():
-        right.plot(float(kept.float().mean()), float((predicted == targets)[kept].float().mean()), "o",
-                   color="tab:red", label=f"'not sure' below {threshold:.0%}")
+    if summary["answered"] > 0:
+        right.plot(summary["answered"], summary["answered_accuracy"], "o", color="tab:red",
+                   label=f"'not sure' below {threshold:.0%}")
         right.legend(loc="lower left", fontsize=8)
     right.set(xlabel="share of photos answered (the rest: 'not sure')", ylabel="accuracy of the answered photos",
               xlim=(0, 1.02))
@@ -435,16 +437,23 @@ def held_out_logits(source: Path, model, classes: list[str], image_size: int, ar
                 torch.tensor([label_of[r["path"]] for r in results]))
     if not source.is_file():
         raise nin.CLIError(f"--calibrate {source}: no such folder or file")
-    with open(source, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(source, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            return oof_logits(list(csv.DictReader(f)), classes)
+    except (ValueError, csv.Error) as error:
+        raise nin.CLIError(f"{source}: {error}") from None
+
+
+def oof_logits(rows: list[dict[str, str]], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the rows of an oof_predictions.csv (ValueError if they are not one for `classes`)."""
     columns = [f"p_{c}" for c in classes]
     if not rows or not set(columns) <= set(rows[0]) or "label" not in rows[0]:
-        raise nin.CLIError(f"{source} is not an oof_predictions.csv for the classes {nin.few(classes)}")
-    try:
-        probs = torch.tensor([[float(r[c]) for c in columns] for r in rows], dtype=torch.float64)
-        labels = torch.tensor([classes.index(r["label"]) for r in rows])
-    except ValueError as error:
-        raise nin.CLIError(f"{source}: {error}") from None
+        raise ValueError(f"not an oof_predictions.csv for the classes {nin.few(classes)}")
+    for line, row in enumerate(rows, start=2):
+        if None in row.values() or row["label"] not in classes:
+            raise ValueError(f"line {line}: too few columns, or a label that is not one of {nin.few(classes)}")
+    probs = torch.tensor([[float(r[c]) for c in columns] for r in rows], dtype=torch.float64)
+    labels = torch.tensor([classes.index(r["label"]) for r in rows])
     return probs.clamp(min=1e-45).log(), labels  # 0 where float32 underflowed
 
 

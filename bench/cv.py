@@ -10,7 +10,8 @@ recipe chosen on the photos it is measured on. The best epoch of each fold is re
 optimistic: it was chosen on the photos it is scored on.
 
 Writes into --out (and prints cv.md):
-  cv.md, folds.csv          per fold: photos, best- and last-epoch val accuracy, wall time; the pooled figures
+  cv.md, folds.csv          per fold: photos, best- and last-epoch val accuracy, wall time; the pooled figures,
+                            and how well one temperature calibrates the probabilities (predict.py --calibrate)
   oof_predictions.csv       every photo: its fold, its folder's label, its out-of-fold probabilities
   suspect_labels.csv/.png   the photos whose prediction most confidently disagrees with their folder, with the
                             class map of the predicted class: where to look first for mislabelled photos
@@ -199,8 +200,35 @@ def report(results: list[dict], folds: int, rows: list[dict], command: str) -> s
               f"Per-class recall, last epoch: {recall_text(last_cm, classes)}.", "",
               f"Best epoch of each fold, pooled: {accuracy_text(int(best_cm.diag().sum()), int(best_cm.sum()))}; "
               f"optimistic, as each fold's best epoch was chosen on the photos it is scored on. "
-              f"Per-class recall: {recall_text(best_cm, classes)}."]
+              f"Per-class recall: {recall_text(best_cm, classes)}.", "", calibration_text(rows, classes)]
     return "\n".join(lines) + "\n"
+
+
+def calibration_text(rows: list[dict], classes: list[str]) -> str:
+    """How well the out-of-fold probabilities are calibrated by one temperature: fitted on all of them (what
+    `predict.py --calibrate oof_predictions.csv` stores, measured on the photos it was fitted on), and
+    cross-fitted: each fold's photos calibrated by the temperature and 'not sure' threshold fitted on the
+    other folds' photos, which is how new photos would fare."""
+    logits, labels = predict.oof_logits(rows, classes)
+    temperature = nin.fit_temperature(logits, labels)
+    fitted = predict.calibration_summary(logits.softmax(1), (logits / temperature).softmax(1), labels, 0.0)
+    text = (f"Calibration by one temperature, fitted on all these photos: {temperature:.3f}; expected "
+            f"calibration error (15 bins) {fitted['ece_raw']:.2%} raw, {fitted['ece']:.2%} calibrated, measured "
+            f"on the photos it was fitted on.")
+    folds = torch.tensor([int(r["fold"]) for r in rows])
+    if len(folds.unique()) < 2:
+        return text
+    probs, thresholds = torch.empty_like(logits), torch.empty(len(rows), dtype=logits.dtype)
+    for fold in folds.unique():
+        mine, others = folds == fold, folds != fold
+        fold_temperature = nin.fit_temperature(logits[others], labels[others])
+        probs[mine] = (logits[mine] / fold_temperature).softmax(1)
+        thresholds[mine] = nin.not_sure_threshold((logits[others] / fold_temperature).softmax(1), labels[others])
+    crossed = predict.calibration_summary(logits.softmax(1), probs, labels, thresholds)
+    return (text + f" Each fold calibrated from the other folds: ECE {crossed['ece']:.2%} (a perfectly calibrated "
+            f"model would read about {crossed['ece_if_calibrated']:.1%} on {len(rows):,} photos); with the 'not "
+            f"sure' threshold fitted there too, {crossed['answered']:.1%} of the photos answered, "
+            f"{crossed['answered_accuracy']:.2%} of them right.")
 
 
 def suspects(rows: list[dict]) -> list[dict]:

@@ -1,14 +1,17 @@
-"""bench/: the sweep driver, cross-validation and the budget table (the throughput benchmark prints timings only,
-hand)."""
+"""bench/: the sweep driver, cross-validation and the budget table (the throughput benchmark only prints timings:
+it is run by hand)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import COLOURS, TRAIN_FLAGS, assert_clean_error, make_dataset, run
+
+import nin
 
 
 def test_sweep_tabulates_each_config_over_seeds_and_reuses_finished_runs(split_data_dir, tmp_path):
@@ -56,6 +59,13 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
                                                                  reverse=True)
     if suspects:
         assert (tmp_path / "cv" / "suspect_labels.png").read_bytes()[:4] == b"\x89PNG"
+    # Its calibration line fits the temperature that predict.py --calibrate would store from the same file...
+    shutil.copy(tmp_path / "cv" / "fold-0" / "NiN.pth", tmp_path / "copy.pth")
+    run("predict.py", "--calibrate", tmp_path / "cv" / "oof_predictions.csv", "--weights", tmp_path / "copy.pth",
+        "--class-idx", tmp_path / "cv" / "fold-0" / "class_idx.json", cwd=tmp_path)
+    temperature = nin.load_calibration(tmp_path / "copy.pth").temperature
+    assert f"fitted on all these photos: {temperature:.3f};" in first.stdout
+    assert "Each fold calibrated from the other folds: ECE " in first.stdout  # ...and calibrates each fold apart
     trained_at = [(tmp_path / "cv" / f"fold-{i}" / "NiN.pth").stat().st_mtime_ns for i in (0, 1)]
     again = run("bench/cv.py", *args, cwd=tmp_path)  # finished folds are read, not trained again
     assert "training" not in again.stdout

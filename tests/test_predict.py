@@ -390,6 +390,23 @@ def test_calibrate_on_a_folder_or_on_out_of_fold_predictions(trained, split_data
     assert nin.load_calibration(weights).temperature == pytest.approx(calibration.temperature, rel=1e-2)
 
 
+@pytest.mark.parametrize("content,named", [
+    ("photo,label\nred/a.jpg,red\n", "not an oof_predictions.csv"),
+    ("label,{p}\nred,{ones}\nred\n", "line 3: too few columns"),
+    ("label,{p}\npurple,{ones}\n", "line 2: too few columns, or a label"),
+    ("label,{p}\nred,{words}\n", "could not convert"),
+    ("label,{p}\nred,\"{ones}\n", "line 2"),  # a quote that never closes: the row swallows the file
+])
+def test_calibrate_refuses_a_broken_predictions_file(trained, tmp_path, content, named):
+    classes = nin.load_class_names(trained["class_idx"])
+    (tmp_path / "oof.csv").write_text(content.format(p=",".join(f"p_{c}" for c in classes),
+                                                     ones=",".join("1" for _ in classes),
+                                                     words=",".join("x" for _ in classes)))
+    result = run("predict.py", "--calibrate", tmp_path / "oof.csv", "--weights", calibrated_copy(trained, tmp_path),
+                 "--class-idx", trained["class_idx"], cwd=tmp_path, check=False)
+    assert_clean_error(result, named)
+
+
 def test_probabilities_use_the_stored_temperature_and_old_weights_the_raw_softmax(trained, photos, tmp_path):
     saved = torch.load(trained["weights"], weights_only=True)
     del saved["calibration"]  # as written before calibration existed
