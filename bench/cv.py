@@ -211,10 +211,11 @@ def calibration_text(rows: list[dict], classes: list[str]) -> str:
     other folds' photos, which is how new photos would fare."""
     logits, labels = predict.oof_logits(rows, classes)
     temperature = nin.fit_temperature(logits, labels)
-    fitted = predict.calibration_summary(logits.softmax(1), (logits / temperature).softmax(1), labels, 0.0)
+    raw_ece = nin.expected_calibration_error(logits.softmax(1), labels)
+    fitted_ece = nin.expected_calibration_error((logits / temperature).softmax(1), labels)
     text = (f"Calibration by one temperature, fitted on all these photos: {temperature:.3f}; expected "
-            f"calibration error (15 bins) {fitted['ece_raw']:.2%} raw, {fitted['ece']:.2%} calibrated, measured "
-            f"on the photos it was fitted on.")
+            f"calibration error (15 bins) {raw_ece:.2%} raw, {fitted_ece:.2%} calibrated, measured on the photos "
+            f"it was fitted on.")
     folds = torch.tensor([int(r["fold"]) for r in rows])
     if len(folds.unique()) < 2:
         return text
