@@ -1012,6 +1012,9 @@ class Clock:
         # stays for saving and drawing after the last epoch), and grows back only as far as it fits within the
         # plan's own share: between the two, timing noise does not move it.
         loose = most_epochs_within((1 + PLAN_SHARE) / 2 * args.time - done, pace, args, steps, epoch, slowdown)
+        if loose == epoch < args.epochs:  # near the end: one last epoch, if it ends within the limit itself, makes
+            # a shorter plan with its schedule finished, where stopping now would leave the learning rate above 0
+            loose = min(most_epochs_within(args.time - done, pace, args, steps, epoch, slowdown), epoch + 1)
         fits = loose if loose < args.epochs else max(
             args.epochs, most_epochs_within(PLAN_SHARE * args.time - done, pace, args, steps, epoch, slowdown))
         fits = int(all_reduce_min(torch.tensor(fits, device=run.device)).item())
