@@ -534,12 +534,11 @@ class StreamedImages(Dataset):
             return None
 
 
-def without_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """DataLoader's collate, leaving out the photos that could not be read."""
+def without_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DataLoader's collate, leaving out the photos that could not be read; None when fewer than two are left
+    (batch norm needs two). Raising here would reach the user wrapped in the worker's traceback."""
     kept = [sample for sample in batch if sample is not None]
-    if not kept:
-        raise nin.CLIError("a whole batch of training photos could not be read")
-    return default_collate(kept)
+    return default_collate(kept) if len(kept) >= 2 else None
 
 
 class StreamedTraining:
@@ -554,9 +553,13 @@ class StreamedTraining:
                                  pin_memory=run.device.type == "cuda", persistent_workers=workers > 0)
         self.steps = len(self.loader)
 
-    def batches(self, epoch: int) -> DataLoader:
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)
-        return self.loader
+        for batch in self.loader:
+            if batch is None:
+                raise nin.CLIError("a batch of training photos held fewer than two readable ones (batch norm needs "
+                                   "two): remove the unreadable photos, or train without --no-cache")
+            yield batch
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, order: torch.Tensor | None = None,
@@ -1078,16 +1081,18 @@ class Progress:
         return (f"epoch {h['epoch']:3d}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
                 f"{val}  lr {h['lr']}  {h['size']} px  {h['seconds']:.1f}s")
 
-    def best_row(self) -> dict:
-        """The first epoch with the highest val accuracy."""
-        return max((h for h in self.history if h["val_acc"] != ""), key=lambda h: h["val_acc"])
+
+def best_validated(history: list[dict]) -> dict | None:
+    """The first epoch with the highest val accuracy (a row of metrics.csv), None if none was validated."""
+    validated = [h for h in history if h["val_acc"] != ""]  # --time may skip some epochs' validation
+    return max(validated, key=lambda h: float(h["val_acc"])) if validated else None
 
 
 class Saver:
     """Writes what a run leaves behind from the first process: after the last epoch, and after any other once
     SAVE_SECONDS have passed since the last save. The checkpoint first (it is what --resume continues from,
-    and it holds the kept weights too), then NiN.pth, the figures, and metrics.csv last, so a kill between
-    any two leaves files that a resumed run puts right."""
+    and it holds the kept weights too), then NiN.pth and class_idx.json, the figures, and metrics.csv last,
+    so a kill between any two leaves files that a resumed run puts right."""
 
     def __init__(self, args: argparse.Namespace, classes: list[str], keep_last: bool, saved_epoch: int,
                  clock: Clock, run: Run) -> None:
@@ -1095,8 +1100,6 @@ class Saver:
         self.checkpoint = args.out_dir / "checkpoint.pth"
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
         self.best: dict | None = None  # the best epoch's weights (--keep best), on the CPU
-        if run.main:
-            nin.save_class_names(classes, args.class_idx)
 
     def resume(self, checkpoint: dict, learner: Learner) -> None:
         """Take the kept weights from the checkpoint, and write NiN.pth from them: a kill may have fallen
@@ -1126,13 +1129,15 @@ class Saver:
         if last or self.saved_at - self.drawn_at > FIGURE_SECONDS:
             save_curves(progress, self.args.out_dir / "curves.png")
             if progress.best_cm is not None:
+                best_epoch = best_validated(progress.history)["epoch"]
                 nin.save_confusion_matrix(progress.best_cm, self.classes, self.args.out_dir / "confusion.png",
-                                          f"val, best epoch {progress.best_row()['epoch']}: {progress.best_acc:.1%}")
+                                          f"val, best epoch {best_epoch}: {progress.best_acc:.1%}")
             self.drawn_at = time.monotonic()
         nin.save_csv(progress.history, self.args.out_dir / "metrics.csv")  # last: a complete row = a saved epoch
 
     def write_weights(self, learner: Learner, calibration: nin.Calibration | None = None) -> None:
-        """NiN.pth: the last epoch's weights (--keep last) or the best epoch's."""
+        """NiN.pth: the last epoch's weights (--keep last) or the best epoch's; then class_idx.json, which
+        changes only with them: a run that fails before its first save leaves the old pair as it was."""
         model = learner.final
         if not self.keep_last:
             if self.best is None:  # resumed from a checkpoint that does not hold them: NiN.pth stays as it is
@@ -1140,6 +1145,7 @@ class Saver:
             model = copy.deepcopy(learner.final).cpu()
             model.load_state_dict(self.best)
         nin.save_weights(model, self.classes, self.args.image_size, self.args.weights, calibration)
+        nin.save_class_names(self.classes, self.args.class_idx)
 
 
 def rng_state() -> dict:
@@ -1180,9 +1186,9 @@ def summary(progress: Progress, classes: list[str], keep_last: bool, weights: Pa
     """The end-of-run report: the best epoch's scores, and the last epoch's accuracy beside the best one (the
     best was chosen on these same photos, so it reads high), naming the epoch whose weights were saved."""
     last = progress.history[-1]
-    if not any(h["val_acc"] != "" for h in progress.history):
+    best = best_validated(progress.history)
+    if best is None:
         return f"\nno validation photos: {weights.name} holds the last epoch's weights (epoch {last['epoch']})"
-    best = progress.best_row()
     held = f"the last epoch's (epoch {last['epoch']})" if keep_last else f"the best epoch's (epoch {best['epoch']})"
     return (f"\nbest epoch on val:\n{nin.classification_report(progress.best_cm, classes)}\n"
             f"val accuracy: last epoch {last['val_acc']:.4f}, best epoch {best['val_acc']:.4f} (epoch {best['epoch']}; "
@@ -1197,13 +1203,13 @@ def save_curves(progress: Progress, path: Path) -> None:
     history = progress.history
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
-    validated = any(h["val_acc"] != "" for h in history)
+    best = best_validated(history)
+    validated = best is not None
     for split, style in (("train", "-"), ("val", "o-"))[:1 + validated]:
         for ax, column in ((loss_ax, f"{split}_loss"), (acc_ax, f"{split}_acc")):
             shown = [(h["epoch"], h[column]) for h in history if h[column] != ""]  # epochs without validation
             ax.plot(*zip(*shown, strict=True), style, markersize=3, label=split)
     if validated:
-        best = progress.best_row()
         acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
         last = [h for h in history if h["val_acc"] != ""][-1]  # the last validated epoch
         acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']}; "

@@ -655,8 +655,9 @@ def test_a_data_folder_where_the_cache_cannot_be_kept_still_trains(split_data_di
     assert "could not keep the decoded photos" in result.stderr and (tmp_path / "NiN.pth").is_file()
 
 
-@pytest.mark.parametrize("case", ["one class", "one readable photo"])
-def test_one_class_or_one_photo_is_refused(tmp_path, case):
+@pytest.mark.parametrize("case,flags", [("one class", []), ("one readable photo", []),
+                                        ("one readable photo", ["--no-cache", "--workers", "1"])])
+def test_one_class_or_one_photo_is_refused(tmp_path, case, flags):
     data = tmp_path / "data"
     for colour in ("red", "blue") if case == "one readable photo" else ("red",):
         draw(data / "val" / colour / "v.jpg", COLOURS[colour], seed=99)
@@ -667,9 +668,14 @@ def test_one_class_or_one_photo_is_refused(tmp_path, case):
         draw(data / "train" / "red" / "0.jpg", COLOURS["red"], seed=0)
         (data / "train" / "blue").mkdir()
         (data / "train" / "blue" / "broken.jpg").write_bytes(b"not a photo")  # skipped: one photo is left
-    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--out-dir", tmp_path / "run", cwd=tmp_path,
-                 check=False)
-    assert_clean_error(result, "one class folder" if case == "one class" else "batch norm needs at least two")
+    (tmp_path / "NiN.pth").write_bytes(b"the weights of an earlier run")
+    (tmp_path / "c.json").write_text("the classes of an earlier run")
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, *flags, "--out-dir", tmp_path / "run",
+                 "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path, check=False)
+    # Streamed, the photos are read in a worker process: its error must stay one line.
+    assert_clean_error(result, "one class folder" if case == "one class" else "batch norm needs")
+    assert (tmp_path / "NiN.pth").read_bytes() == b"the weights of an earlier run"  # the old pair stays a pair
+    assert (tmp_path / "c.json").read_text() == "the classes of an earlier run"
 
 
 def test_resume_after_the_class_folders_changed_is_refused(trained, split_data_dir, tmp_path):
