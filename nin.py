@@ -44,6 +44,10 @@ MAX_HEAD_WIDTH = 4096  # 8 times the default: beyond it the last block alone wou
 # photo classifier has any use for (memory grows with its square).
 MIN_IMAGE_SIZE = 63
 MAX_IMAGE_SIZE = 1024
+# The umask can only be read by setting it and putting it back: done once here, at import, because doing it
+# in atomic_write would leave a window in which another thread's new files get the umask 0.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -542,10 +546,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if time.time() - stale.stat().st_mtime > STALE_SECONDS:
             stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make NiN.pth private to its writer
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would make NiN.pth private to its writer
         # Text keeps file names that are not UTF-8 as their original bytes (surrogateescape), never a crash.
         text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}
         with os.fdopen(fd, mode, **text) as f:
@@ -604,6 +606,12 @@ def load_torch(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CLIError(f"{what} {path} does not hold a dictionary of weights")
     return obj
+
+
+def load_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV written by save_csv."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
 
 
 def save_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:

@@ -438,8 +438,7 @@ def held_out_logits(source: Path, model, classes: list[str], image_size: int, ar
     if not source.is_file():
         raise nin.CLIError(f"--calibrate {source}: no such folder or file")
     try:
-        with open(source, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            return oof_logits(list(csv.DictReader(f)), classes)
+        return oof_logits(nin.load_csv(source), classes)
     except (ValueError, csv.Error) as error:
         raise nin.CLIError(f"{source}: {error}") from None
 

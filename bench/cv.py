@@ -5,7 +5,7 @@
 The photos of --source are cut into K folds by the number their bytes give them (split_data.py --folds K
 --fold I). For each fold, train.py trains on the other folds with --keep last, and the last epoch's weights
 score the fold's photos through nin.eval_tensor, exactly as predict.py would. Pooled over the folds, that is
-an accuracy on all the photos (a 95 % interval half as wide as one 10 % val split's), with no epoch, seed or
+an accuracy on all the photos (a 95 % interval a third as wide as one 10 % val split's), with no epoch, seed or
 recipe chosen on the photos it is measured on. The best epoch of each fold is reported too, labelled
 optimistic: it was chosen on the photos it is scored on.
 
@@ -22,7 +22,6 @@ after another; --parallel N runs N at a time, which pays on a GPU (one small NiN
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import train
 
 FOLDS = 5
 SUSPECTS = 24  # photos in the suspect-label gallery and CSV
+SCORE_BATCH = 64  # photos classified at a time when scoring a fold
 # train.py flags that cv.py sets for each fold itself.
 MANAGED_FLAGS = ("--data-dir", "--out-dir", "--weights", "--class-idx", "--keep", "--resume")
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
@@ -99,31 +99,27 @@ def train_fold(folder: Path, flags: list[str], threads: int | None) -> tuple[boo
     return code == 0, time.perf_counter() - start
 
 
-@torch.no_grad()
-def score(weights: Path, samples: list[tuple[Path, str]], workers: int, device: torch.device,
-          ) -> tuple[list[str], torch.Tensor]:
-    """The class names of the weights and their probabilities [N, C] for each (path, label) sample."""
+def classified(weights: Path, paths: list[Path], workers: int, device: torch.device) -> tuple[list[str], list[dict]]:
+    """The class names of the weights, and predict.py's result (probabilities, class maps) for each photo
+    that can still be read (a warning for any other)."""
     model, classes, image_size = nin.load_weights(weights, device)
-    images = nin.decode_images([path for path, _ in samples], nin.eval_tensor, image_size, workers, "score",
-                               progress=False)
-    if any(image is None for image in images):
-        raise nin.CLIError("a photo of the split could not be read again")
-    probs = [predict.classify(model, torch.stack(images[i:i + 64]).to(device))[0].cpu()
-             for i in range(0, len(images), 64)]
-    return classes, torch.cat(probs)
+    settings = argparse.Namespace(batch_size=SCORE_BATCH, workers=workers, tta=False)
+    return classes, predict.run_batches(model, paths, image_size, settings, device)
 
 
-def finish_fold(folder: Path, fold: int, source: Path, seconds: float, workers: int, device: torch.device) -> dict:
+def finish_fold(folder: Path, fold: int, seconds: float, workers: int, device: torch.device) -> dict:
     """Score the fold's val photos with its last-epoch weights; write predictions.csv and result.json."""
     val = folder / "data" / "val"
-    samples = sorted((f, f.parent.name) for f in val.glob("*/*") if f.is_file() and not f.name.startswith("."))
-    classes, probs = score(folder / "NiN.pth", samples, workers, device)
-    rows = [{"photo": f"{label}/{path.name}", "fold": fold, "label": label,
-             **{f"p_{c}": f"{p:.6g}" for c, p in zip(classes, row.tolist(), strict=True)},
-             "predicted": classes[int(row.argmax())]} for (path, label), row in zip(samples, probs, strict=True)]
-    history = list(csv.DictReader(open(folder / "run" / "metrics.csv", newline="")))
-    validated = [h for h in history if h["val_acc"] != ""]  # a --time run may skip some epochs' validation
-    best = max(validated, key=lambda h: float(h["val_acc"]))
+    paths = sorted(f for f in val.glob("*/*") if f.is_file() and not f.name.startswith("."))
+    classes, results = classified(folder / "NiN.pth", paths, workers, device)
+    if len(results) < len(paths):
+        raise nin.CLIError(f"fold {fold}: a photo of the split could not be read again")
+    rows = [{"photo": f"{r['path'].parent.name}/{r['path'].name}", "fold": fold, "label": r["path"].parent.name,
+             **{f"p_{c}": f"{p:.6g}" for c, p in zip(classes, r["probs"].tolist(), strict=True)},
+             "predicted": classes[int(r["probs"].argmax())]} for r in results]
+    history = nin.load_csv(folder / "run" / "metrics.csv")
+    validated = [h for h in history if h["val_acc"] != ""]
+    best = train.best_validated(history)
     checkpoint = nin.load_torch(folder / "run" / "checkpoint.pth", "checkpoint")
     result = {"fold": fold, "photos": len(rows), "classes": classes,
               "last_correct": sum(r["predicted"] == r["label"] for r in rows),
@@ -151,7 +147,7 @@ def run_fold(fold: int, args: argparse.Namespace, flags: list[str], classes: dic
     if not ok:
         nin.warn(f"fold {fold}: train.py failed, see {folder / 'log.txt'}; run again to resume it")
         return None
-    result = finish_fold(folder, fold, args.source, earlier + seconds, args.workers, device)
+    result = finish_fold(folder, fold, earlier + seconds, args.workers, device)
     print(f"fold {fold}: last epoch {result['last_correct'] / result['photos']:.2%}, best epoch "
           f"{result['best_acc']:.2%} (epoch {result['best_epoch']}), {result['train_seconds'] / 60:.1f} min",
           flush=True)
@@ -242,15 +238,12 @@ def suspects(rows: list[dict]) -> list[dict]:
 
 def suspect_gallery(chosen: list[dict], out: Path, source: Path, workers: int, device: torch.device) -> None:
     """The suspects as thumbnails with their predicted class's map, each scored again by its own fold's model."""
+    suspect_of = {source / s["photo"]: s for s in chosen}
     results = []
     for fold in sorted({s["fold"] for s in chosen}):
-        model, classes, image_size = nin.load_weights(fold_dir(out, fold) / "NiN.pth", device)
-        mine = [s for s in chosen if s["fold"] == fold]
-        paths = [source / s["photo"] for s in mine]
-        images = nin.decode_images(paths, nin.eval_tensor, image_size, workers, "suspects", progress=False)
-        probs, maps = predict.classify(model, torch.stack(images).to(device))
-        results += [{"path": path, "image": image, "probs": p.cpu(), "map": m.float().cpu(), "suspect": s}
-                    for path, image, p, m, s in zip(paths, images, probs, maps, mine, strict=True)]
+        paths = [path for path, s in suspect_of.items() if s["fold"] == fold]
+        classes, scored = classified(fold_dir(out, fold) / "NiN.pth", paths, workers, device)
+        results += [{**r, "suspect": suspect_of[r["path"]]} for r in scored]
     results.sort(key=lambda r: chosen.index(r["suspect"]))
     titles = [f"{r['suspect']['photo']}\nfolder {r['suspect']['folder']}, model says\n"
               f"{r['suspect']['predicted']} {r['suspect']['probability']:.0%}" for r in results]
@@ -258,6 +251,14 @@ def suspect_gallery(chosen: list[dict], out: Path, source: Path, workers: int, d
 
 
 # --------------------------------------------------------------------------------------------- main
+
+
+def check_folds_hold_photos(fractions: dict[Path, float | None], folds: int) -> None:
+    """Refuse, before any training, folds that would have no photo to score (a small folder, many folds)."""
+    held = {split_data.fold_of(f, folds) for f in fractions.values() if f is not None}
+    empty = [str(fold) for fold in range(folds) if fold not in held]
+    if empty:
+        raise nin.CLIError(f"fold(s) {', '.join(empty)} of {folds} would hold no photo: use fewer --folds")
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -278,12 +279,13 @@ def main() -> None:
     if args.source is None and not source.is_dir():
         split_data.fetch_flower_photos(source, None)
     args.source = source
-    check_settings(args.out, {"folds": args.folds, "split_seed": args.split_seed,
-                              "source": str(source.resolve()), "train_flags": flags})
     classes = split_data.list_classes(source)
     fractions = split_data.val_fractions([f for files in classes.values() for f in files], args.split_seed,
                                          args.workers)
     split_data.check_readable(source, classes, fractions)
+    check_folds_hold_photos(fractions, args.folds)
+    check_settings(args.out, {"folds": args.folds, "split_seed": args.split_seed,
+                              "source": str(source.resolve()), "train_flags": flags})
     device = nin.pick_device(None)
     threads = max((os.cpu_count() or 1) // args.parallel, 1) if args.parallel > 1 else None
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -292,8 +294,8 @@ def main() -> None:
     done = [r for r in results if r is not None]
     if not done:
         raise nin.CLIError("no fold finished")
-    rows = sorted((row for r in done for row in csv.DictReader(open(fold_dir(args.out, r["fold"]) / "predictions.csv",
-                                                                    newline=""))), key=lambda row: row["photo"])
+    rows = sorted((row for r in done for row in nin.load_csv(fold_dir(args.out, r["fold"]) / "predictions.csv")),
+                  key=lambda row: row["photo"])
     nin.save_csv(rows, args.out / "oof_predictions.csv")
     command = shlex.join(["python", "bench/cv.py", *sys.argv[1:]])
     table = report(done, args.folds, rows, command)

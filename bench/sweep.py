@@ -1,6 +1,6 @@
 """Train several configurations of train.py, each with several seeds, some runs at a time, and tabulate them.
 
-    python bench/sweep.py --seeds 0,1,2 --parallel 4 base= wide="--head-width 512" long="--epochs 120"
+    python bench/sweep.py --seeds 0,1,2 --parallel 4 base= narrow="--head-width 0" short="--epochs 60"
 
 Each NAME=FLAGS trains once per seed into --runs-dir/NAME-sSEED (its own NiN.pth, metrics.csv, log.txt);
 a run that already finished there is read, not trained again. Prints one line per run as it ends, then
@@ -12,7 +12,6 @@ Running several at a time pays on a GPU, which one small-batch NiN run leaves mo
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shlex
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nin
+import train
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="default: %(default)s")
     p.add_argument("--runs-dir", type=Path, default=nin.RUNS_DIR / "sweep", help="default: %(default)s")
-    p.add_argument("--csv", type=Path, default=None, help="default: nin.RUNS_DIR/results.csv in --runs-dir")
+    p.add_argument("--csv", type=Path, default=None, help="default: results.csv in --runs-dir")
     args = p.parse_args()
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
@@ -52,13 +52,7 @@ def parse_config(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.csv"
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def train(name: str, flags: list[str], seed: int, args: argparse.Namespace, threads: int) -> dict | None:
+def one_run(name: str, flags: list[str], seed: int, args: argparse.Namespace, threads: int) -> dict | None:
     """One train.py run (or the finished one already in its folder); its figures as a row, None if it failed."""
     run_dir = args.runs_dir / f"{name}-s{seed}"
     done = run_dir / "done.txt"
@@ -75,8 +69,11 @@ def train(name: str, flags: list[str], seed: int, args: argparse.Namespace, thre
             nin.warn(f"{name} seed {seed} failed (exit {code}): see {run_dir / 'log.txt'}")
             return None
         done.write_text(f"{time.perf_counter() - start:.1f}\n")
-    history = read_metrics(run_dir)
-    best = max(history, key=lambda h: float(h["val_acc"]))
+    history = nin.load_csv(run_dir / "metrics.csv")
+    best = train.best_validated(history)
+    if best is None:
+        nin.warn(f"{name} seed {seed} has no validated epoch (no val photos in --data-dir?): left out")
+        return None
     return {"name": name, "seed": seed, "best": float(best["val_acc"]), "best_epoch": int(best["epoch"]),
             "last": float(history[-1]["val_acc"]), "epochs": len(history), "wall_s": float(done.read_text())}
 
@@ -106,7 +103,7 @@ def main() -> None:
     jobs = [(name, flags, seed) for name, flags in args.configs.items() for seed in args.seeds]
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     with ThreadPoolExecutor(args.parallel) as pool:
-        futures = [pool.submit(train, *job, args, threads) for job in jobs]
+        futures = [pool.submit(one_run, *job, args, threads) for job in jobs]
         for future in as_completed(futures):
             run = future.result()
             if run is None:

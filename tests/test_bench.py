@@ -34,6 +34,18 @@ def test_sweep_tabulates_each_config_over_seeds_and_reuses_finished_runs(split_d
     assert [(tmp_path / "sweep" / f"plain-s{seed}" / "NiN.pth").stat().st_mtime_ns for seed in (0, 1)] == trained_at
 
 
+def test_sweep_leaves_out_a_run_without_val_photos(split_data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    for photo in list((data / "val").glob("*/*")):  # as split_data.py --val-ratio 0 leaves it
+        photo.rename(data / "train" / photo.parent.name / f"v-{photo.name}")
+    flags = " ".join([*TRAIN_FLAGS, "--epochs", "1"])
+    result = run("bench/sweep.py", "--data-dir", data, "--runs-dir", tmp_path / "sweep", "--seeds", "0",
+                 f"all={flags}", cwd=tmp_path, check=False)
+    assert "all seed 0 has no validated epoch" in result.stderr
+    assert result.returncode == 2 and "every run failed" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_sweep_refuses_a_config_without_a_name(tmp_path):
     assert_clean_error(run("bench/sweep.py", "--epochs 3", cwd=tmp_path, check=False), "NAME=FLAGS")
 
@@ -94,6 +106,20 @@ def test_cross_validation_resumes_a_fold_cut_short(tmp_path):
 def test_cross_validation_refuses_bad_flags(tmp_path, flags, named):
     assert_clean_error(run("bench/cv.py", "--out", tmp_path / "cv", *flags, cwd=tmp_path, check=False), named)
     assert not (tmp_path / "cv").exists()
+
+
+def test_cross_validation_refuses_folds_without_photos_before_training(tmp_path):
+    source = make_dataset(tmp_path / "source", per_class=2)  # 6 photos cannot fill 8 folds
+    result = run("bench/cv.py", "--folds", "8", "--source", source, "--out", tmp_path / "cv", cwd=tmp_path,
+                 check=False)
+    assert_clean_error(result, "would hold no photo")
+    assert not (tmp_path / "cv").exists()
+
+
+def test_a_mistyped_source_leaves_the_out_folder_usable(tmp_path):
+    result = run("bench/cv.py", "--source", tmp_path / "sorce", "--out", tmp_path / "cv", cwd=tmp_path, check=False)
+    assert_clean_error(result, "sorce")
+    assert not (tmp_path / "cv" / "cv.json").exists()  # the corrected command is not refused as another recipe
 
 
 def test_cross_validation_refuses_to_mix_recipes_in_one_folder(tmp_path):
