@@ -6,7 +6,8 @@ with the repository).
 Every photo of SOURCE/<class>/ becomes its centre square at the side train.py caches for --side (JPEG). For
 training that is all train.py keeps of a photo anyway; for scoring, nin.eval_tensor of the square (resize to
 the same side: nothing to do, then the same centre crop) equals that of the original photo up to the JPEG
-re-encoding. Cross-validation scores every photo, so every photo is squared.
+re-encoding. Cross-validation scores every photo, so every photo is squared. OUT is replaced only if this
+script wrote it (it leaves a mark there): two paths given the wrong way round must not delete the photos.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import nin
 import split_data
 from train import train_tensor
 
+MARK = ".written-by-gpu_data"
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +35,12 @@ def main() -> None:
                    help="largest image size to serve (default: %(default)s)")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality of the squares (default: %(default)s)")
     args = p.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
+    if args.out.resolve().is_relative_to(args.source.resolve()):
+        raise nin.CLIError(f"{args.out} is inside {args.source}: it would be read as a class folder")
+    if args.out.exists():
+        if not (args.out / MARK).is_file():
+            raise nin.CLIError(f"{args.out} exists and was not written by this script: give a new folder")
+        shutil.rmtree(args.out)
     for name, files in split_data.list_classes(args.source).items():
         (args.out / name).mkdir(parents=True)
         for path in files:
@@ -42,6 +50,7 @@ def main() -> None:
                 nin.warn(f"skipped {error}")
                 continue
             square.save(args.out / name / (path.stem + ".jpg"), quality=args.quality)
+    (args.out / MARK).touch()
     size = sum(f.stat().st_size for f in args.out.rglob("*.jpg"))
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB")
 

@@ -2,7 +2,7 @@
 # For maintainers with a borrowed GPU machine (15 minutes of it, start-up included): every GPU measurement the
 # open work needs, as one script. The scripts of earlier leases are in git history (`git log -p bench/gpu_session.sh`).
 #
-# Here, first:  python bench/gpu_data.py ../shared/data/flower_photos .gpu/flower_squares   (32 MiB: carried)
+# Here, first:  python bench/gpu_data.py ../shared/data/flower_photos .gpu/flower_squares   (carried: under run's 64 MiB)
 # There:        bash bench/gpu_session.sh .gpu/flower_squares "$OUT" [SECONDS]
 #
 # 1. 5-fold cross-validation of the default recipe (`python train.py`), the 5 folds at once on the one GPU;

@@ -1,5 +1,5 @@
-"""bench/: the sweep driver, cross-validation and the budget table (the throughput benchmark only prints timings:
-it is run by hand)."""
+"""bench/: the sweep driver, cross-validation, the budget table and the GPU data copy (the throughput benchmark
+only prints timings: it is run by hand)."""
 
 from __future__ import annotations
 
@@ -156,3 +156,21 @@ def test_budgets_pool_each_cross_validation_and_plot_them_by_time(tmp_path):
 
     fake_cross_validation(tmp_path / "no-time", ["--epochs", "3"], [(10, 9, 5.0)])
     assert_clean_error(run("bench/budgets.py", tmp_path / "no-time", cwd=tmp_path, check=False), "no --time")
+
+
+def test_gpu_data_squares_every_photo_and_never_replaces_a_folder_it_did_not_write(tmp_path):
+    source = make_dataset(tmp_path / "source", per_class=3)
+    photos = sorted(p.relative_to(source) for p in source.rglob("*.jpg"))
+    for _ in range(2):  # the second run replaces the first one's folder
+        run("bench/gpu_data.py", source, tmp_path / "squares", "--side", "64", cwd=tmp_path)
+    squares = sorted((tmp_path / "squares").rglob("*.jpg"))
+    assert [p.relative_to(tmp_path / "squares") for p in squares] == photos
+    from PIL import Image
+
+    side = nin.resize_size(64)  # the square train.py caches for --image-size 64
+    assert all(Image.open(p).size == (side, side) for p in squares)
+    swapped = run("bench/gpu_data.py", tmp_path / "squares", source, cwd=tmp_path, check=False)
+    assert_clean_error(swapped, "not written by this script")
+    inside = run("bench/gpu_data.py", source, source / "squares", cwd=tmp_path, check=False)
+    assert_clean_error(inside, "inside")
+    assert sorted(p.relative_to(source) for p in source.rglob("*.jpg")) == photos  # the photos are all there
