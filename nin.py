@@ -285,9 +285,10 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
         return Calibration()
     try:
         calibration = Calibration(**stored)
-    except TypeError:
+        in_range = 0.01 <= calibration.temperature <= 100 and 0 <= calibration.not_sure_below < 1
+    except TypeError:  # not a dictionary, other keys, or values that are not numbers
         raise CLIError(f"{path}: its calibration is not one this code wrote") from None
-    if not (0.01 <= calibration.temperature <= 100 and 0 <= calibration.not_sure_below < 1):
+    if not in_range:
         raise CLIError(f"{path}: its calibration is out of range ({calibration})")
     return calibration
 

@@ -67,6 +67,9 @@ WORKERS = min(8, os.cpu_count() or 1)
 SIZE_STEP = 16  # progressive resizing grows the training images by this many pixels a stage
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
+# What --resume reads from a checkpoint.pth (a NiN.pth, or any other .pth, lacks them).
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "history", "args", "classes", "best_acc",
+                   "best_confusion"}
 # What a checkpoint written before these flags existed was trained with (not today's defaults).
 BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best",
                        "time": None, "val_every": 1, "plan_epochs": None}
@@ -255,7 +258,7 @@ def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     if not args.resume:
         return args, None
     checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")
-    if not {"model", "optimizer", "scheduler", "epoch", "history", "args"} <= checkpoint.keys():
+    if not CHECKPOINT_KEYS <= checkpoint.keys():
         raise nin.CLIError(f"{args.out_dir / 'checkpoint.pth'} is not a checkpoint written by train.py "
                            f"(NiN.pth holds weights only: it cannot be resumed)")
     # Where the checkpoint was found wins over where the run first wrote it (the folder may have moved), and

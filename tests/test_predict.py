@@ -279,6 +279,9 @@ def doctored(trained, tmp_path, change) -> Path:
     (lambda s: s.update(image_size="64"), "not a NiN.pth"),
     (lambda s: s.update(image_size=20000), "image size 20000"),
     (lambda s: s["model"]["features.0.0.weight"].fill_(float("nan")), "NaN or infinite weights"),
+    (lambda s: s["calibration"].update(temperature="hot"), "calibration is not one this code wrote"),
+    (lambda s: s.update(calibration=[1.0]), "calibration is not one this code wrote"),
+    (lambda s: s["calibration"].update(temperature=float("nan")), "calibration is out of range"),
 ])
 def test_weights_from_elsewhere_are_one_line_errors(trained, photos, tmp_path, change, named):
     weights = doctored(trained, tmp_path, change)

@@ -609,9 +609,15 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_good_weights(split_
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
 
 
-def test_weights_file_given_as_a_checkpoint_to_resume(trained, tmp_path):
+@pytest.mark.parametrize("what", ["NiN.pth", "a checkpoint without its classes"])
+def test_weights_file_given_as_a_checkpoint_to_resume(trained, tmp_path, what):
     (tmp_path / "run").mkdir()
-    shutil.copy(trained["weights"], tmp_path / "run" / "checkpoint.pth")
+    if what == "NiN.pth":
+        shutil.copy(trained["weights"], tmp_path / "run" / "checkpoint.pth")
+    else:
+        checkpoint = torch.load(trained["run"] / "checkpoint.pth", weights_only=True)
+        del checkpoint["classes"]
+        torch.save(checkpoint, tmp_path / "run" / "checkpoint.pth")
     result = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
     assert_clean_error(result, "not a checkpoint written by train.py")
 
