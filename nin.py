@@ -78,14 +78,14 @@ class NiN(nn.Module):
     """NiN with the AlexNet-style geometry: mlpconv 96, 256, 384, then a last block that ends in one map per
     class; global average pooling turns the maps into logits.
 
-    The last block is num_classes wide throughout by default (the common, d2l-style layout); head_width
-    widens its 3x3 conv and first 1x1 conv, as in the paper's ImageNet network (1024 wide there).
+    head_width is the width of the last block's 3x3 conv and first 1x1 conv, as in the paper's ImageNet
+    network (1024 wide there); 0 makes the block num_classes wide throughout (the common, d2l-style layout).
     faithful=True is the classic network (no batch norm, ReLU on the class maps, dropout 0.5) for comparison;
     the default adds batch norm and leaves the class maps linear, which trains far faster and more reliably.
     """
 
     def __init__(self, num_classes: int, batch_norm: bool = True, dropout: float | None = None,
-                 faithful: bool = False, head_width: int | None = None) -> None:
+                 faithful: bool = False, head_width: int = HEAD_WIDTH) -> None:
         super().__init__()
         if faithful:
             batch_norm = False
@@ -331,7 +331,7 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
                and t.is_floating_point()):
         raise CLIError(f"{path} holds NaN or infinite weights (a diverged training run?)")
     try:
-        model = NiN(**config)
+        model = NiN(**{"head_width": 0, **config})  # a NiN.pth from before head_width existed: the narrow block
         model.load_state_dict(saved["model"])
     except (RuntimeError, TypeError, ValueError) as error:
         raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0][:200]}") from None
@@ -638,7 +638,7 @@ def main() -> None:
         parser.error(f"--num-classes must be between 1 and {MAX_HEAD_WIDTH}")
     if not 0 <= args.head_width <= MAX_HEAD_WIDTH:
         parser.error(f"--head-width must be between 0 and {MAX_HEAD_WIDTH}")
-    model = NiN(args.num_classes, faithful=args.faithful, head_width=args.head_width or None)
+    model = NiN(args.num_classes, faithful=args.faithful, head_width=args.head_width)
     print(describe(model, args.image_size))
 
 

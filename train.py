@@ -400,7 +400,7 @@ def load_data(photos: tuple[ImageFolder, ImageFolder | None], data_dir: Path, im
 
 def make_model(num_classes: int, args: argparse.Namespace) -> nin.NiN:
     return nin.NiN(num_classes, dropout=None if args.faithful else args.dropout, faithful=args.faithful,
-                   head_width=args.head_width or None)
+                   head_width=args.head_width)
 
 
 def find_images(split_dir: Path) -> ImageFolder:

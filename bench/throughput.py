@@ -81,7 +81,7 @@ def main() -> None:
     device = nin.pick_device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     train_set = train.find_images(args.data_dir / "train")
-    model = nin.NiN(len(train_set.classes), head_width=nin.HEAD_WIDTH or None)  # train.py's default network
+    model = nin.NiN(len(train_set.classes))  # train.py's default network
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = train.make_optimizer(model, "sgd", train.LR, train.MOMENTUM, train.WEIGHT_DECAY)
     bs, size = args.batch_size, args.image_size

@@ -12,10 +12,10 @@ from PIL import Image
 import nin
 
 
-def expected_parameters(num_classes: int, batch_norm: bool = True, head_width: int | None = None) -> int:
+def expected_parameters(num_classes: int, batch_norm: bool = True, head_width: int = nin.HEAD_WIDTH) -> int:
     """Counted from the paper's geometry: k*k*in*out weights per conv, plus BN's scale and shift (2*out), or a
     bias (out) where there is no BN: everywhere in the faithful net, and on the very last conv by default.
-    The last block is head_width wide (default num_classes) and ends in num_classes maps."""
+    The last block is head_width wide (0: num_classes) and ends in num_classes maps."""
     blocks = [(3, 96, 11), (96, 256, 5), (256, 384, 3), (384, head_width or num_classes, 3)]
     convs = [(cin_, cout, k_) for cin, cout, k in blocks for cin_, k_ in ((cin, k), (cout, 1), (cout, 1))]
     convs[-1] = (convs[-1][0], num_classes, 1)
@@ -39,8 +39,8 @@ def test_parameter_count_matches_the_geometry(num_classes):
     assert count == expected_parameters(num_classes)
     faithful = sum(p.numel() for p in nin.NiN(num_classes, faithful=True).parameters())
     assert faithful == expected_parameters(num_classes, batch_norm=False)
-    wide = sum(p.numel() for p in nin.NiN(num_classes, head_width=512).parameters())
-    assert wide == expected_parameters(num_classes, head_width=512)
+    narrow = sum(p.numel() for p in nin.NiN(num_classes, head_width=0).parameters())
+    assert narrow == expected_parameters(num_classes, head_width=0)
 
 
 def test_wide_head_still_ends_in_one_map_per_class():
@@ -55,7 +55,7 @@ def test_default_class_maps_are_linear_and_faithful_is_classic():
     assert isinstance(faithful.features[-1][-1], torch.nn.ReLU)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in faithful.modules())
     assert faithful.config == {"num_classes": 5, "batch_norm": False, "dropout": 0.5, "faithful": True,
-                               "head_width": None}
+                               "head_width": nin.HEAD_WIDTH}
 
 
 def test_logits_are_the_means_of_the_class_maps():
@@ -89,7 +89,7 @@ def test_too_small_input_fails():
 def test_nin_script_prints_shapes_and_parameters(tmp_path):
     out = run("nin.py", "--num-classes", "5", "--image-size", "224", cwd=tmp_path).stdout
     assert "(1, 5, 6, 6)" in out  # the class maps at 224 px
-    assert f"parameters: {expected_parameters(5, head_width=nin.HEAD_WIDTH):,}" in out  # the default network
+    assert f"parameters: {expected_parameters(5):,}" in out  # the default network
 
 
 @pytest.mark.parametrize("mode,suffix", [("RGB", ".jpg"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"),
@@ -120,6 +120,19 @@ def test_weights_round_trip_and_class_index(tmp_path):
     nin.save_class_names(classes, tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text()) == {"0": "a", "1": "b", "2": "c"}
     assert nin.load_class_names(tmp_path / "c.json") == classes
+
+
+@pytest.mark.parametrize("stored", ["no head_width", None])
+def test_weights_from_before_the_wide_head_still_load_narrow(tmp_path, stored):
+    nin.save_weights(nin.NiN(3, head_width=0), ["a", "b", "c"], 96, tmp_path / "w.pth")
+    saved = torch.load(tmp_path / "w.pth", weights_only=True)
+    if stored is None:
+        saved["config"]["head_width"] = None
+    else:
+        del saved["config"]["head_width"]
+    torch.save(saved, tmp_path / "w.pth")
+    model, _, _ = nin.load_weights(tmp_path / "w.pth")
+    assert sum(p.numel() for p in model.parameters()) == expected_parameters(3, head_width=0)
 
 
 def test_weights_are_stored_as_float16_and_predict_the_same(tmp_path):
