@@ -101,7 +101,9 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def find_images(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.is_file() and nin.is_image_name(f))
+    """The files named like images under folder; special files and dangling links among them are skipped with
+    a warning when decoded, as train.py does."""
+    return sorted(f for f in folder.rglob("*") if not f.is_dir() and nin.is_image_name(f))
 
 
 def expand(paths: list[Path]) -> list[Path]:

@@ -130,11 +130,12 @@ def fetch_flower_photos(dest: Path, archive: Path | None) -> None:
 
 
 def list_classes(source: Path) -> dict[str, list[Path]]:
-    """Per-class files of source (hidden files and folders ignored)."""
+    """Per-class files of source (hidden files and folders ignored). Special files and dangling links are
+    listed too, so that is_usable_image warns about them as train.py and predict.py would."""
     if not source.is_dir():
         raise nin.CLIError(f"source folder not found: {source}")
     try:
-        classes = {d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+        classes = {d.name: sorted(f for f in d.iterdir() if not f.is_dir() and not f.name.startswith("."))
                    for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     except OSError as error:
         raise nin.CLIError(f"cannot read {source}: {error}") from None

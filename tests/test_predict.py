@@ -311,6 +311,13 @@ def test_special_files_are_skipped_never_waited_on(trained, photos, tmp_path):
     alone = run("predict.py", fifo, "--weights", trained["weights"], "--class-idx", trained["class_idx"],
                 cwd=tmp_path, check=False, process=True)
     assert_clean_error(alone, "not a regular file")
+    folder = tmp_path / "folder"  # among the photos of a folder, too
+    folder.mkdir()
+    fifo.rename(folder / "pipe.jpg")
+    shutil.copy(photos[("red", "RGB")], folder)
+    result = run("predict.py", folder, "--json", "--weights", trained["weights"], "--class-idx", trained["class_idx"],
+                 cwd=tmp_path, process=True)
+    assert "pipe.jpg: not a regular file" in result.stderr and len(json.loads(result.stdout)) == 1
 
 
 def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):

@@ -341,10 +341,10 @@ def test_symlinks_and_unusual_names(source, tmp_path):
     (source / "green" / "link to photo.jpg").symlink_to(elsewhere)
     (source / "red" / "dangling.jpg").symlink_to(tmp_path / "nothing.jpg")
     draw(source / "red" / "fleur d'été — 1.jpg", (220, 40, 40), seed=78)
-    split(source, tmp_path / "data")
+    result = split(source, tmp_path / "data")
     s = sides(tmp_path / "data")
     assert "green/link to photo.jpg" in s and "red/fleur d'été — 1.jpg" in s
-    assert "red/dangling.jpg" not in s
+    assert "red/dangling.jpg" not in s and "dangling.jpg: a dangling link" in result.stderr
     linked = tmp_path / "data" / s["green/link to photo.jpg"] / "green" / "link to photo.jpg"
     assert linked.read_bytes() == elsewhere.read_bytes()
 
