@@ -7,10 +7,11 @@
     python predict.py --eval data/val                    # accuracy, per-class scores, confusion matrix, calibration
     python predict.py --calibrate data/val               # fit probabilities and 'not sure' on held-out photos
 
-Figures are shown where there is a display, else only saved (--save). Several images also give a CSV with one
-row per image, and --eval its confusion matrix, its CSV and a gallery of the most confident mistakes, all in
---out-dir. Probabilities are calibrated (a temperature fitted on held-out photos by --calibrate and stored in
-the weights); an answer whose top probability is below the stored threshold reads "not sure (best guess: ...)".
+Figures are shown where there is a display, else only saved (--save). Several images also give a CSV with one row
+per image (--json prints every result instead, and draws no figure), and --eval its confusion matrix, its CSV and a
+gallery of the most confident mistakes, all in --out-dir. Probabilities are calibrated (a temperature fitted on
+held-out photos by --calibrate and stored in the weights); an answer whose top probability is below the stored
+threshold reads "not sure (best guess: ...)".
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--save {args.save}: not a figure format matplotlib writes ({', '.join(sorted(figure_formats()))})")
     if sum(map(bool, (args.images, args.eval, args.calibrate))) != 1:
         p.error("give image files or folders, or --eval DIR, or --calibrate SOURCE (one of them)")
+    if args.json and (args.save or args.heatmap):
+        p.error("--json draws no figure: not with --save or --heatmap")
     if args.not_sure is not None and not 0 <= args.not_sure < 1:
         p.error("--not-sure must be in [0, 1)")
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):

@@ -382,7 +382,7 @@ def load_data(photos: tuple[ImageFolder, ImageFolder | None], data_dir: Path, im
     """Decode the photos (or set up their streaming) for training at image_size."""
     train_set, val_set = photos
     if run.world > 1:
-        run.say(f"{run.world} processes x batch {batch_size}")
+        run.say(f"{run.world} processes x batch {batch_size} = {run.world * batch_size} images a step")
     cache_dir = None if stream else data_dir / CACHE_FOLDER
     val = None
     if val_set is not None:

@@ -120,6 +120,7 @@ def test_missing_or_unreadable_image(trained, tmp_path):
     (tmp_path / "fake.jpg").write_bytes(b"\x00" * 100)
     assert_clean_error(predict(trained, tmp_path / "fake.jpg", check=False), "cannot read image")
     assert_clean_error(predict(trained, tmp_path / "fake.jpg", "--top-k", "0", check=False), "--top-k")
+    assert_clean_error(predict(trained, tmp_path / "fake.jpg", "--json", "--heatmap", check=False), "--json")
     assert_clean_error(predict(trained, tmp_path / "fake.jpg", "--device", "gpu", check=False), "--device gpu")
     (tmp_path / "empty_folder").mkdir()
     result = predict(trained, tmp_path / "empty_folder", check=False)

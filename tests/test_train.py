@@ -383,7 +383,7 @@ def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
              "--out-dir", out, "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
     result = torchrun_two_processes(*flags, cwd=tmp_path)
     assert result.stdout.count("val accuracy: last epoch") == 1  # only rank 0 speaks
-    assert "2 processes x batch 8" in result.stdout
+    assert "2 processes x batch 8 = 16 images a step" in result.stdout
     rows = read_metrics(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
     assert max(float(r["val_acc"]) for r in rows) >= 0.9
