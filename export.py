@@ -5,8 +5,9 @@
     python export.py --check test_img/*.jpg           # ... and compare it with predict.py on these images
 
 The ONNX graph takes uint8 RGB images [N, S, S, 3], already resized and centre-cropped to the evaluation size S
-(what nin.eval_tensor does: resize the short side to S / 0.875, then crop the centre S x S), normalises them
-itself and returns calibrated probabilities [N, C], so an app cannot feed it differently normalised numbers.
+(what nin.eval_tensor does: resize the short side to round(S / nin.CROP_RATIO), then crop the centre S x S),
+normalises them itself and returns calibrated probabilities [N, C], so an app cannot feed it differently
+normalised numbers.
 The file's metadata holds "classes" (JSON list, in output order), "image_size" S, "temperature" and
 "not_sure_below" (answer "not sure" when the top probability is below it). Any batch
 size works. --check runs the file with onnxruntime on the images (and on drawn noise and flat colours) and

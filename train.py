@@ -736,8 +736,8 @@ def make_mixer(mixup: float, cutmix: float, num_classes: int) -> RandomChoice | 
 
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     """A moving average of the weights and batch-norm statistics. Its decay ramps up as (1+t)/(10+t) to
-    `decay`: a fixed 0.999 would still hold 13% of the random initial weights after 2,000 steps, which is
-    a whole run here."""
+    `decay`: a fixed 0.999 would still hold 13% of the random initial weights after 2,000 steps, the
+    length of a short run."""
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         t = int(num_averaged)
         get_ema_multi_avg_fn(min(decay, (1 + t) / (10 + t)))(averaged, current, num_averaged)
@@ -812,8 +812,8 @@ SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 
                 "label_smoothing": 0.2, "weight_decay": 1e-3}
 # A budget that fits fewer epochs of the default recipe than this gets the short recipe: mixup and CutMix only
 # pay in long runs (bench/RESULTS.md, sweeps B and C: at 60 epochs they did not help, at 90 and 120 they were
-# part of the best recipes). Not 60: `--time 30m` on a 2-core CPU fits about 60 epochs of the default recipe,
-# and noise in the timed steps flipped its choice of recipe from one run to the next.
+# part of the best recipes). Not 60: a common budget on a common machine (30 minutes, two CPU cores) sat on
+# that edge, and noise in the timed steps flipped its choice of recipe from one run to the next (RESULTS.md).
 MIN_DEFAULT_EPOCHS = 90
 PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs saving, drawing and noise
 VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
