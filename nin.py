@@ -148,6 +148,7 @@ MAX_ASPECT = 20  # a panorama is 4:1; a 10000x1 strip would cost gigabytes to re
 # What counts as a photo in a folder, for all three scripts alike: a file whose name ends like a format PIL
 # opens (and that is a regular file, which load_image checks).
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+WORKERS = min(8, os.cpu_count() or 1)  # threads that decode (and hash) photos in every script: --workers
 
 
 def is_image_name(path: str | os.PathLike) -> bool:

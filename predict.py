@@ -21,7 +21,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -31,7 +30,6 @@ import nin
 
 TOP_K = 3
 BATCH_SIZE = 64
-WORKERS = min(8, os.cpu_count() or 1)
 GRID_MAX = 48  # thumbnails in a figure of several images; the CSV has them all
 MISTAKES_SHOWN = 12
 FILE_ONLY_BACKENDS = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
@@ -64,7 +62,7 @@ def parse_args() -> argparse.Namespace:
                    help="where the CSVs and --eval's figures go (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=WORKERS, help="decoding threads (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=nin.WORKERS, help="decoding threads (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, mps, cpu (default: cuda, else mps, else cpu)")
     args = p.parse_args()
     if args.save is not None and args.save.suffix.lower().lstrip(".") not in figure_formats():

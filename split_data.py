@@ -349,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cross-validation: fold I (0 .. K-1) goes to val/, the other folds to train/")
     p.add_argument("--seed", type=int, default=SEED,
                    help="changes which photos go to val/ (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="threads that hash and check the photos (default: %(default)s)")
     args = p.parse_args(argv)
     if (args.folds is None) != (args.fold is None):

@@ -61,7 +61,6 @@ MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
 CUTMIX = 1.0
 EMA_DECAY = 0.0  # 0 turns the weight average off
 SEED = 0
-WORKERS = min(8, os.cpu_count() or 1)
 
 # Fixed choices, not flags.
 SIZE_STEP = 16  # progressive resizing grows the training images by this many pixels a stage
@@ -134,7 +133,7 @@ def main() -> None:
             saver.after_epoch(learner, progress, improved, last=last)
             run.say(progress.line(args.epochs, improved), write=tqdm.write)
     run.say(summary(progress, data.classes, saver.keep_last, args.weights))
-    run.say(clock.report(progress.epoch, args))
+    run.say(clock.report(args))
     run.say(f"weights in {args.weights}, classes in {args.class_idx}; curves"
             f"{'' if progress.best_cm is None else ' and confusion matrix'} in {args.out_dir}")
 
@@ -190,7 +189,7 @@ def arg_parser() -> argparse.ArgumentParser:
                         "instead of the global batch split across the processes")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA, batch-norm statistics over the global batch")
-    p.add_argument("--workers", type=int, default=WORKERS,
+    p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="threads decoding the cache, or DataLoader processes with --no-cache")
     p.add_argument("--no-cache", action="store_true",
                    help="stream photos from disk every epoch instead of decoding them once into memory")
@@ -913,11 +912,12 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         candidate = argparse.Namespace(**{**vars(args), **recipe, "epochs": EPOCHS})
         steps = steps_per_epoch(len(train_set), per_process_batch(candidate, run), run.world)
         pace = measure_pace(candidate, num_classes, steps, val_photos, run)
-        decoding = estimate_decoding(train_set, val_set, candidate, run)
+        decoding = estimate_decoding(train_set, val_set, candidate)
         available = PLAN_SHARE * args.time - clock.spent() - decoding
-        plans.append((name, candidate, pace, decoding, fit_epochs(candidate, pace, steps, available, args.time)))
-    default_fits = plans[0][4] is not None and plans[0][4].epochs >= MIN_DEFAULT_EPOCHS
-    name, candidate, pace, decoding, fitted = plans[0 if default_fits else 1]
+        plans.append((name, candidate, pace, steps, decoding,
+                      fit_epochs(candidate, pace, steps, available, args.time)))
+    default_fits = plans[0][-1] is not None and plans[0][-1].epochs >= MIN_DEFAULT_EPOCHS
+    name, candidate, pace, steps, decoding, fitted = plans[0 if default_fits else 1]
     if fitted is None:
         one_epoch = steps * min(pace.step.values()) + pace.val
         raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: decoding takes about "
@@ -926,7 +926,7 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         choice = [(name, fitted.epochs, fitted.val_every)]
         dist.broadcast_object_list(choice, src=0)
         name, epochs, every = choice[0]
-        candidate, pace = next((c, p) for n, c, p, _, _ in plans if n == name)
+        candidate, pace = next((c, p) for n, c, p, *_ in plans if n == name)
         fitted = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
     fitted.plan_epochs = fitted.epochs
     run.say(f"--time {format_duration(args.time)}: the {name} recipe, {fitted.epochs} epochs at "
@@ -950,8 +950,7 @@ def fit_epochs(candidate: argparse.Namespace, pace: Pace, steps: int, available:
     return fitted
 
 
-def estimate_decoding(train_set: ImageFolder, val_set: ImageFolder | None, args: argparse.Namespace,
-                      run: Run) -> float:
+def estimate_decoding(train_set: ImageFolder, val_set: ImageFolder | None, args: argparse.Namespace) -> float:
     """Seconds to decode the photos for these settings: nothing much when train.py's cache holds them already,
     else timed on a sample."""
     cache_dir = args.data_dir / CACHE_FOLDER
@@ -1033,7 +1032,7 @@ class Clock:
                     f"sizes laid out again for them)", write=tqdm.write)
         return fits
 
-    def report(self, epochs_done: int, args: argparse.Namespace) -> str:
+    def report(self, args: argparse.Namespace) -> str:
         spent = self.spent()
         limit = "" if args.time is None else f"; --time {format_duration(args.time)}"
         return (f"took {format_duration(spent)}, predicted {format_duration(self.predicted)} "

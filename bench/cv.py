@@ -63,7 +63,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--parallel", type=int, default=1, help="folds trained at a time (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=split_data.SEED,
                    help="split_data.py's --seed: changes which photos share a fold (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="threads that hash and decode the photos (default: %(default)s)")
     args = p.parse_args(own)
     if args.folds < 2:

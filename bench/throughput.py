@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE, help="default: %(default)s")
     p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=train.WORKERS,
+    p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="decoding threads / classic DataLoader workers (default: %(default)s)")
     p.add_argument("--threads", type=lambda text: [int(n) for n in text.split(",")],
                    default=sorted({1, torch.get_num_threads()}),
