@@ -341,6 +341,8 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
 
 # ----------------------------------------------------------------------------------------------------- reports
 
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (as in Guo et al. 2017)
+
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The single temperature T that minimises the negative log-likelihood of softmax(logits / T) on
@@ -359,7 +361,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20))
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
     """How far the top probability is from the accuracy, averaged over equal-width confidence bins weighted
     by their photos (0: a top probability of p is right p of the time)."""
     confidence, predicted = probs.max(1)
@@ -369,12 +371,17 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 def calibration_gap(confidence: torch.Tensor, correct: torch.Tensor, bins: int) -> float:
     """The sum over bins of (photos in the bin / photos) * |accuracy - mean confidence in the bin|, that is, of
     |photos right - sum of their confidences| over all photos."""
-    which = (confidence * bins).long().clamp(0, bins - 1)
+    which = confidence_bin(confidence, bins)
     gap = torch.bincount(which, weights=correct, minlength=bins) - torch.bincount(which, confidence, minlength=bins)
     return float(gap.abs().sum() / len(confidence))
 
 
-def ece_of_a_calibrated_model(probs: torch.Tensor, bins: int = 15, draws: int = 200) -> float:
+def confidence_bin(confidence: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """Each top probability's bin among `bins` equal-width bins of [0, 1] (1.0 in the last one)."""
+    return (confidence * bins).long().clamp(0, bins - 1)
+
+
+def ece_of_a_calibrated_model(probs: torch.Tensor, bins: int = ECE_BINS, draws: int = 200) -> float:
     """The expected calibration error that a perfectly calibrated model with these top probabilities would
     still show on this many photos: each photo is drawn right with its own top probability. On a few hundred
     photos the bins hold few photos each, so this floor is far from 0; an ECE near it is all a sample this

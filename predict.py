@@ -388,7 +388,7 @@ def ece_line(summary: dict[str, float], photos: int) -> str:
 
 def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, temperature: float,
                        threshold: float, summary: dict[str, float], path: Path) -> None:
-    """Left: accuracy against confidence in 15 bins, raw and calibrated, beside the diagonal a calibrated
+    """Left: accuracy against confidence in the ECE's bins, raw and calibrated, beside the diagonal a calibrated
     model follows (dot size: photos per bin). Right: what each 'not sure' threshold would give, the share of
     photos answered against the accuracy of those answers (a risk-coverage curve), the chosen one marked.
     `summary` is calibration_summary's, for the figures the plot names."""
@@ -398,9 +398,9 @@ def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Te
     for name, p, ece, colour in (("raw softmax", raw, summary["ece_raw"], "tab:orange"),
                                  (f"temperature {temperature:.2f}", probs, summary["ece"], "tab:blue")):
         confidence, predicted = p.max(1)
-        which = (confidence * 15).long().clamp(max=14)
+        which = nin.confidence_bin(confidence)
         points = [(confidence[which == b].mean().item(), (predicted == targets)[which == b].float().mean().item(),
-                   int((which == b).sum())) for b in range(15) if (which == b).any()]
+                   int((which == b).sum())) for b in range(nin.ECE_BINS) if (which == b).any()]
         left.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color=colour,
                   label=f"{name}: ECE {ece:.1%}")
         left.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=[4 + n for _, _, n in points],

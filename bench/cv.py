@@ -210,8 +210,8 @@ def calibration_text(rows: list[dict], classes: list[str]) -> str:
     raw_ece = nin.expected_calibration_error(logits.softmax(1), labels)
     fitted_ece = nin.expected_calibration_error((logits / temperature).softmax(1), labels)
     text = (f"Calibration by one temperature, fitted on all these photos: {temperature:.3f}; expected "
-            f"calibration error (15 bins) {raw_ece:.2%} raw, {fitted_ece:.2%} calibrated, measured on the photos "
-            f"it was fitted on.")
+            f"calibration error ({nin.ECE_BINS} bins) {raw_ece:.2%} raw, {fitted_ece:.2%} calibrated, measured on "
+            f"the photos it was fitted on.")
     folds = torch.tensor([int(r["fold"]) for r in rows])
     if len(folds.unique()) < 2:
         return text
