@@ -69,8 +69,8 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--save {args.save}: not a figure format matplotlib writes ({', '.join(sorted(figure_formats()))})")
     if sum(map(bool, (args.images, args.eval, args.calibrate))) != 1:
         p.error("give image files or folders, or --eval DIR, or --calibrate SOURCE (one of them)")
-    if args.json and (args.save or args.heatmap):
-        p.error("--json draws no figure: not with --save or --heatmap")
+    if args.images and args.json and (args.save or args.heatmap):
+        p.error("--json draws no figure of the images: not with --save or --heatmap")
     if args.not_sure is not None and not 0 <= args.not_sure < 1:
         p.error("--not-sure must be in [0, 1)")
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):

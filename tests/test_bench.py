@@ -65,7 +65,7 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
     assert (tmp_path / "cv" / "cv.md").read_text() in first.stdout
     folds = list(csv.DictReader(open(tmp_path / "cv" / "folds.csv", newline="")))
     assert [int(f["photos"]) for f in folds] == [sum(r["fold"] == str(i) for r in rows) for i in (0, 1)]
-    suspects = list(csv.DictReader(open(tmp_path / "cv" / "suspect_labels.csv", newline="")))
+    suspects = nin.load_csv(tmp_path / "cv" / "suspect_labels.csv") if correct < 36 else []  # written if any
     assert len(suspects) == min(36 - correct, 24) and all(s["folder"] != s["predicted"] for s in suspects)
     assert [float(s["probability"]) for s in suspects] == sorted((float(s["probability"]) for s in suspects),
                                                                  reverse=True)

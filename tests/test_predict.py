@@ -327,10 +327,10 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
     name = os.fsencode(tmp_path) + b"/fleur-\xe9t\xe9.jpg"  # Latin-1, as an old camera or archive may write
     with open(name, "wb") as f:
         f.write(photos[("red", "RGB")].read_bytes())
-    for flags in ([], ["--json"]):
+    for flags in (["--save", tmp_path / "p.png"], ["--json"]):
         result = run("predict.py", os.fsdecode(name), *flags, "--weights", trained["weights"], "--class-idx",
-                     trained["class_idx"], "--save", tmp_path / "p.png", cwd=tmp_path, process=True)
-        assert "fleur-" in result.stdout and "Traceback" not in result.stderr
+                     trained["class_idx"], cwd=tmp_path, process=True)
+        assert "fleur-\\udce9t\\udce9.jpg" in result.stdout and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("problem", ["unknown format", "a folder", "inside a file"])
@@ -451,7 +451,11 @@ def test_eval_reports_calibration_and_draws_a_reliability_diagram(trained, split
     weights = calibrated_copy(trained, tmp_path, temperature=2.0, not_sure_below=0.6)
     result = predict_with(weights, trained, "--eval", split_data_dir / "val", "--json")
     report = json.loads(result.stdout)
-    assert 0 <= report["ece"] <= 1 and 0 <= report["ece_raw"] <= 1 and report["ece"] != report["ece_raw"]
+    rows = read_csv(trained["dir"] / "predict" / "eval_predictions.csv")  # each photo's calibrated top probability
+    confidence = torch.tensor([float(r["probability"]) for r in rows], dtype=torch.float64)
+    correct = torch.tensor([float(r["correct"]) for r in rows], dtype=torch.float64)
+    assert report["ece"] == pytest.approx(nin.calibration_gap(confidence, correct, nin.ECE_BINS), abs=2e-3)
+    assert report["ece"] != report["ece_raw"]
     assert 0 < report["ece_if_calibrated"] < 1
     answered = [float(r["probability"]) >= 0.6 for r in read_csv(trained["dir"] / "predict" / "eval_predictions.csv")]
     assert report["answered"] == pytest.approx(sum(answered) / len(answered), abs=1e-4)

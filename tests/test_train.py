@@ -240,7 +240,7 @@ def test_mixing_and_ema_run_saves_the_averaged_weights(split_data_dir, tmp_path)
 def test_progressive_resizing_trains_equal_stages_growing_to_the_image_size():
     import train
 
-    sizes = [train.training_size(epoch, 120, 112, 160) for epoch in range(1, 121)]  # the defaults
+    sizes = [train.training_size(epoch, 120, 112, 160) for epoch in range(1, 121)]
     assert [sizes.count(s) for s in (112, 128, 144, 160)] == [30, 30, 30, 30] and sizes == sorted(sizes)
     assert {train.training_size(epoch, 44, 80, 112) for epoch in (1, 15, 16, 30, 31, 44)} == {80, 96, 112}
     assert [train.training_size(epoch, 4, 64, 100) for epoch in range(1, 5)] == [64, 80, 96, 100]  # ends at the size
@@ -463,10 +463,10 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     args, _ = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), run_)
     assert args.weight_decay == 2e-3  # given on the command line: kept
     if recipe == "default":  # 120 epochs of 2 steps at 0.01 s fit in 10 minutes
-        assert (args.epochs, args.image_size, args.mixup, args.batch_size) == (120, 160, 0.2, 64)
+        assert (args.epochs, args.image_size, args.mixup, args.batch_size) == (train.EPOCHS, nin.IMAGE_SIZE,
+                                                                               train.MIXUP, train.BATCH_SIZE)
     else:  # 20 s a step: too few epochs of the default recipe, so the short one, with what fits of it
-        assert (args.image_size, args.start_size, args.batch_size, args.mixup, args.cutmix,
-                args.label_smoothing) == (112, 80, 32, 0.0, 0.0, 0.2)
+        assert all(getattr(args, name) == value for name, value in train.SHORT_RECIPE.items() if name != "weight_decay")
         assert args.epochs < train.EPOCHS
 
 
