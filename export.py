@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,7 +92,7 @@ def check(onnx_path: Path, weights: Path, class_idx: Path, images: list[Path], t
     return f"{report}; one image: {onnx_ms:.1f} ms with onnxruntime, {torch_ms:.1f} ms with predict.py's forward pass"
 
 
-def median_ms(work, runs: int = 21) -> float:
+def median_ms(work: Callable[[], object], runs: int = 21) -> float:
     """The median wall time of work() in milliseconds, after one untimed call."""
     work()
     times = []

@@ -28,13 +28,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # matplotlib is imported only where a figure is drawn
+    from matplotlib.figure import Figure
 
 IMAGE_SIZE = 160  # the side of the square the network sees (train.py --image-size, predict.py reads it from NiN.pth)
 # Width inside the last mlpconv block (0: num_classes, the usual narrow layout; the paper's ImageNet net: 1024).
@@ -228,7 +232,11 @@ def normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.T
     return (-mean / std).to(device), (1 / (255 * std)).to(device)
 
 
-def decode_images(paths: list[str | os.PathLike], to_tensor: Callable[[Any, int], torch.Tensor], image_size: int,
+# A photo's path and an image size to the uint8 tensor a script uses: eval_tensor, or train.train_tensor.
+ToTensor = Callable[[Any, int], torch.Tensor]
+
+
+def decode_images(paths: list[str | os.PathLike], to_tensor: ToTensor, image_size: int,
                   workers: int, desc: str, progress: bool = True) -> list[torch.Tensor | None]:
     """to_tensor(path, image_size) for every path, in threads (PIL releases the GIL while decoding).
 
@@ -569,7 +577,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         raise
 
 
-def pyplot_for_files():
+def pyplot_for_files() -> ModuleType:
     """matplotlib.pyplot drawing into files only: it never needs or waits for a display, whatever MPLBACKEND
     says (an invalid one would stop matplotlib's import)."""
     os.environ["MPLBACKEND"] = "agg"
@@ -579,7 +587,7 @@ def pyplot_for_files():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     """Save a matplotlib figure atomically (format from the suffix) and close it."""
     import matplotlib.pyplot as plt
 

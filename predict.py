@@ -22,11 +22,16 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 import nin
+
+if TYPE_CHECKING:  # matplotlib is imported only where a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 TOP_K = 3
 BATCH_SIZE = 64
@@ -157,7 +162,7 @@ def load_model(weights: Path, class_idx: Path, device: torch.device,
 
 
 @torch.no_grad()
-def classify(model, images: torch.Tensor, tta: bool = False, temperature: float = 1.0,
+def classify(model: nin.NiN, images: torch.Tensor, tta: bool = False, temperature: float = 1.0,
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities [N, C] and class maps [N, C, h, w] for uint8 images [N, 3, H, W].
 
@@ -172,7 +177,8 @@ def classify(model, images: torch.Tensor, tta: bool = False, temperature: float 
     return (maps.mean((2, 3)) / temperature).softmax(1), maps
 
 
-def run_batches(model, paths: list[Path], image_size: int, args, device, temperature: float = 1.0) -> list[dict]:
+def run_batches(model: nin.NiN, paths: list[Path], image_size: int, args: argparse.Namespace, device: torch.device,
+                temperature: float = 1.0) -> list[dict]:
     """Decode and classify in batches, with one progress bar; unreadable files are skipped with a warning."""
     from tqdm import tqdm
 
@@ -218,7 +224,7 @@ def shown_name(path: Path) -> str:
     return path.name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def overlay(ax, result: dict, heatmap: bool, label: int) -> None:
+def overlay(ax: Axes, result: dict, heatmap: bool, label: int) -> None:
     """The photo, and if asked the class map of `label`, upsampled, as a translucent heat map on top."""
     image = result["image"]
     ax.imshow(image.permute(1, 2, 0).numpy())
@@ -232,7 +238,7 @@ def overlay(ax, result: dict, heatmap: bool, label: int) -> None:
     ax.axis("off")
 
 
-def single_figure(result: dict, classes: list[str], k: int, heatmap: bool, not_sure_below: float):
+def single_figure(result: dict, classes: list[str], k: int, heatmap: bool, not_sure_below: float) -> Figure:
     """One photo beside a horizontal bar chart of its top-k probabilities."""
     import matplotlib.pyplot as plt
 
@@ -254,7 +260,7 @@ def single_figure(result: dict, classes: list[str], k: int, heatmap: bool, not_s
 
 
 def grid_figure(results: list[dict], classes: list[str], heatmap: bool, titles: list[str] | None = None,
-                not_sure_below: float = 0.0):
+                not_sure_below: float = 0.0) -> Figure:
     """Thumbnails with their predicted class and probability (or the given titles)."""
     import matplotlib.pyplot as plt
 
@@ -276,7 +282,7 @@ def grid_figure(results: list[dict], classes: list[str], heatmap: bool, titles: 
     return fig
 
 
-def show_or_save(fig, save: Path | None) -> None:
+def show_or_save(fig: Figure, save: Path | None) -> None:
     import matplotlib.pyplot as plt  # matplotlib falls back to a file-only backend when there is no display
 
     if save is not None:
@@ -292,7 +298,8 @@ def show_or_save(fig, save: Path | None) -> None:
 # --------------------------------------------------------------------------------------------- modes
 
 
-def predict_images(model, classes: list[str], image_size: int, calibration: nin.Calibration, args, device) -> None:
+def predict_images(model: nin.NiN, classes: list[str], image_size: int, calibration: nin.Calibration,
+                   args: argparse.Namespace, device: torch.device) -> None:
     results = run_batches(model, expand(args.images), image_size, args, device, calibration.temperature)
     threshold = calibration.not_sure_below if args.not_sure is None else args.not_sure
     if args.json:
@@ -312,8 +319,8 @@ def predict_images(model, classes: list[str], image_size: int, calibration: nin.
     show_or_save(fig, args.save)
 
 
-def evaluate_folder(model, classes: list[str], image_size: int, calibration: nin.Calibration, args,
-                    device) -> None:
+def evaluate_folder(model: nin.NiN, classes: list[str], image_size: int, calibration: nin.Calibration,
+                    args: argparse.Namespace, device: torch.device) -> None:
     paths, labels = labelled_images(args.eval, classes)
     label_of = dict(zip(paths, labels, strict=True))
     results = run_batches(model, paths, image_size, args, device, calibration.temperature)
@@ -428,8 +435,8 @@ def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Te
     nin.save_figure(fig, path)
 
 
-def held_out_logits(source: Path, model, classes: list[str], image_size: int, args, device,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_logits(source: Path, model: nin.NiN, classes: list[str], image_size: int, args: argparse.Namespace,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of held-out photos: scored here from a labelled folder, or read from bench/cv.py's
     oof_predictions.csv (its log-probabilities: the softmax of log p is p, whatever the logits were)."""
     if source.is_dir():
@@ -459,7 +466,8 @@ def oof_logits(rows: list[dict[str, str]], classes: list[str]) -> tuple[torch.Te
     return probs.clamp(min=1e-45).log(), labels  # 0 where float32 underflowed
 
 
-def calibrate_weights(model, classes: list[str], image_size: int, args, device) -> None:
+def calibrate_weights(model: nin.NiN, classes: list[str], image_size: int, args: argparse.Namespace,
+                      device: torch.device) -> None:
     """--calibrate: fit, report, and store the temperature and the 'not sure' threshold in --weights."""
     logits, labels = held_out_logits(args.calibrate, model, classes, image_size, args, device)
     temperature = nin.fit_temperature(logits, labels)

@@ -27,7 +27,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -291,7 +291,7 @@ class Run:
         """The process that prints and writes files (the only one without torchrun)."""
         return self.rank == 0
 
-    def say(self, text: str, write=print) -> None:
+    def say(self, text: str, write: Callable[[str], None] = print) -> None:
         if self.main:
             write(text)
 
@@ -439,7 +439,7 @@ def train_tensor(path: str, image_size: int) -> torch.Tensor:
     return TF.pil_to_tensor(TF.center_crop(TF.resize(img, side), side))
 
 
-def decode_once(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int, desc: str,
+def decode_once(samples: list[tuple[str, int]], to_tensor: nin.ToTensor, image_size: int, workers: int, desc: str,
                 cache_dir: Path | None, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """decode_all, through the disk cache in cache_dir (None: no cache). Under torchrun the first process
     decodes and writes the cache; the others then read it."""
@@ -453,7 +453,7 @@ def decode_once(samples: list[tuple[str, int]], to_tensor, image_size: int, work
     return result
 
 
-def decode_all(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int,
+def decode_all(samples: list[tuple[str, int]], to_tensor: nin.ToTensor, image_size: int, workers: int,
                desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every photo once, skipping unreadable ones with a warning: uint8 images and their labels."""
     images = nin.decode_images([path for path, _ in samples], to_tensor, image_size, workers, desc)
@@ -464,7 +464,8 @@ def decode_all(samples: list[tuple[str, int]], to_tensor, image_size: int, worke
             torch.tensor([samples[i][1] for i in keep], dtype=torch.long))
 
 
-def cache_path(samples: list[tuple[str, int]], to_tensor, image_size: int, desc: str, cache_dir: Path) -> Path:
+def cache_path(samples: list[tuple[str, int]], to_tensor: nin.ToTensor, image_size: int, desc: str,
+               cache_dir: Path) -> Path:
     """Where cached_decode keeps these photos at this size: the name changes when any of them changes."""
     key = hashlib.sha256(f"{to_tensor.__name__}:{image_size}".encode())
     for path, label in samples:
@@ -477,7 +478,7 @@ def cache_path(samples: list[tuple[str, int]], to_tensor, image_size: int, desc:
     return cache_dir / f"{desc}-{image_size}px-{key.hexdigest()[:16]}.pt"
 
 
-def cached_decode(samples: list[tuple[str, int]], to_tensor, image_size: int, workers: int, desc: str,
+def cached_decode(samples: list[tuple[str, int]], to_tensor: nin.ToTensor, image_size: int, workers: int, desc: str,
                   cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """decode_all, remembered in cache_dir under a key made of the file list (names, sizes, times) and size."""
     cache_file = cache_path(samples, to_tensor, image_size, desc, cache_dir)
@@ -883,7 +884,7 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
     return Pace(step, batch_seconds * val_photos / n)
 
 
-def timed(work, run: Run) -> float:
+def timed(work: Callable[[], object], run: Run) -> float:
     """Seconds per call of work(), over TIMED_STEPS calls after an untimed one."""
     def sync() -> None:
         if run.device.type == "cuda":

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -58,7 +59,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def images_per_second(batches, step, batch_size: int, warmup: int, steps: int, device: torch.device) -> float:
+def images_per_second(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      step: Callable[[torch.Tensor, torch.Tensor], object], batch_size: int, warmup: int, steps: int,
+                      device: torch.device) -> float:
     """Run warmup + steps batches through step(images, labels); time the last `steps`, input included."""
     batches = iter(batches)
     for images, labels in itertools.islice(batches, warmup):
@@ -71,7 +74,7 @@ def images_per_second(batches, step, batch_size: int, warmup: int, steps: int, d
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def forever(make_iterable):
+def forever(make_iterable: Callable[[], Iterable]) -> Iterator:
     while True:
         yield from make_iterable()
 
