@@ -82,6 +82,9 @@ def extract(archive: Path, dest: Path) -> None:
     through the links extracted before it: the check that some Python versions' 'data' filter misses for
     chains of links (CVE-2025-4517). The filter itself refuses device files.
     """
+    if not hasattr(tarfile, "data_filter"):  # new in Python 3.10.12, 3.11.4 and 3.12
+        raise nin.CLIError(f"extracting {archive.name} safely needs Python 3.10.12, 3.11.4 or newer: upgrade Python, "
+                           f"or extract it yourself and give the folder to --source")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
     root = tmp.resolve()
     try:

@@ -327,13 +327,17 @@ def test_archive_beside_an_extracted_copy_is_not_silently_ignored(source, tmp_pa
     assert "--archive" in capsys.readouterr().err and sides(tmp_path / "data")
 
 
-def test_extraction_of_a_good_archive(tmp_path):
+def test_extraction_of_a_good_archive(tmp_path, monkeypatch):
     make_dataset(tmp_path / "src" / "flower_photos", per_class=2)
     archive = tmp_path / "good.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "src" / "flower_photos", arcname="flower_photos")
     split_data.extract(archive, tmp_path / "flower_photos")
     assert len(list((tmp_path / "flower_photos").glob("*/*.jpg"))) == 6
+    monkeypatch.delattr(tarfile, "data_filter")  # a Python older than 3.10.12: refused in words, not a TypeError
+    with pytest.raises(nin.CLIError, match=r"needs Python 3\.10\.12"):
+        split_data.extract(archive, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_symlinks_and_unusual_names(source, tmp_path):
