@@ -83,7 +83,8 @@ class NiN(nn.Module):
     class; global average pooling turns the maps into logits.
 
     head_width is the width of the last block's 3x3 conv and first 1x1 conv, as in the paper's ImageNet
-    network (1024 wide there); 0 makes the block num_classes wide throughout (the common, d2l-style layout).
+    network (1024 wide there); 0 (or None, in NiN.pth files from before this setting) makes the block
+    num_classes wide throughout (the common, d2l-style layout).
     faithful=True is the classic network (no batch norm, ReLU on the class maps, dropout 0.5) for comparison;
     the default adds batch norm and leaves the class maps linear, which trains far faster and more reliably.
     """

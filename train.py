@@ -560,8 +560,9 @@ class StreamedTraining:
         self.sampler.set_epoch(epoch)
         for batch in self.loader:
             if batch is None:
-                raise nin.CLIError("a batch of training photos held fewer than two readable ones (batch norm needs "
-                                   "two): remove the unreadable photos, or train without --no-cache")
+                raise nin.CLIError("a training batch held fewer than two readable photos (batch norm needs two): "
+                                   "too few photos, or too many unreadable ones (remove them, or train without "
+                                   "--no-cache, which skips them before batching)")
             yield batch
 
 

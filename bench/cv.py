@@ -43,7 +43,6 @@ import train
 
 FOLDS = 5
 SUSPECTS = 24  # photos in the suspect-label gallery and CSV
-SCORE_BATCH = 64  # photos classified at a time when scoring a fold
 # train.py flags that cv.py sets for each fold itself.
 MANAGED_FLAGS = ("--data-dir", "--out-dir", "--weights", "--class-idx", "--keep", "--resume")
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
@@ -103,7 +102,7 @@ def classified(weights: Path, paths: list[Path], workers: int, device: torch.dev
     """The class names of the weights, and predict.py's result (probabilities, class maps) for each photo
     that can still be read (a warning for any other)."""
     model, classes, image_size = nin.load_weights(weights, device)
-    settings = argparse.Namespace(batch_size=SCORE_BATCH, workers=workers, tta=False)
+    settings = argparse.Namespace(batch_size=predict.BATCH_SIZE, workers=workers, tta=False)
     return classes, predict.run_batches(model, paths, image_size, settings, device)
 
 
@@ -262,15 +261,11 @@ def check_folds_hold_photos(fractions: dict[Path, float | None], folds: int) -> 
 
 
 def check_settings(out: Path, settings: dict) -> None:
-    """The folds of one --out must come from one recipe: refuse to mix in another."""
+    """The folds of one --out must come from one recipe: refuse to mix in another (before any work)."""
     path = out / "cv.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        if before != settings:
-            raise nin.CLIError(f"{out} holds a cross-validation with other settings ({before}): "
+    if path.is_file() and (before := json.loads(path.read_text())) != settings:
+        raise nin.CLIError(f"{out} holds a cross-validation with other settings ({before}): "
                            f"use another --out, or delete it to start again")
-    else:
-        nin.save_json(settings, path)
 
 
 def main() -> None:
@@ -279,13 +274,15 @@ def main() -> None:
     if args.source is None and not source.is_dir():
         split_data.fetch_flower_photos(source, None)
     args.source = source
+    settings = {"folds": args.folds, "split_seed": args.split_seed, "source": str(source.resolve()),
+                "train_flags": flags}
+    check_settings(args.out, settings)
     classes = split_data.list_classes(source)
     fractions = split_data.val_fractions([f for files in classes.values() for f in files], args.split_seed,
                                          args.workers)
     split_data.check_readable(source, classes, fractions)
     check_folds_hold_photos(fractions, args.folds)
-    check_settings(args.out, {"folds": args.folds, "split_seed": args.split_seed,
-                              "source": str(source.resolve()), "train_flags": flags})
+    nin.save_json(settings, args.out / "cv.json")  # only now: a mistyped --source leaves --out unclaimed
     device = nin.pick_device(None)
     threads = max((os.cpu_count() or 1) // args.parallel, 1) if args.parallel > 1 else None
     with ThreadPoolExecutor(args.parallel) as pool:

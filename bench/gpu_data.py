@@ -37,12 +37,15 @@ def main() -> None:
     args = p.parse_args()
     if args.out.resolve().is_relative_to(args.source.resolve()):
         raise nin.CLIError(f"{args.out} is inside {args.source}: it would be read as a class folder")
+    classes = split_data.list_classes(args.source)
     if args.out.exists():
         if not (args.out / MARK).is_file():
             raise nin.CLIError(f"{args.out} exists and was not written by this script: give a new folder")
         shutil.rmtree(args.out)
-    for name, files in split_data.list_classes(args.source).items():
-        (args.out / name).mkdir(parents=True)
+    args.out.mkdir(parents=True)
+    (args.out / MARK).touch()  # first: a cut run's folder can be replaced too
+    for name, files in classes.items():
+        (args.out / name).mkdir()
         for path in files:
             try:
                 square = TF.to_pil_image(train_tensor(str(path), args.side))  # exactly what train.py caches
@@ -50,7 +53,6 @@ def main() -> None:
                 nin.warn(f"skipped {error}")
                 continue
             square.save(args.out / name / (path.stem + ".jpg"), quality=args.quality)
-    (args.out / MARK).touch()
     size = sum(f.stat().st_size for f in args.out.rglob("*.jpg"))
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB")
 

@@ -344,11 +344,13 @@ def test_symlinks_and_unusual_names(source, tmp_path):
     elsewhere = draw(tmp_path / "elsewhere" / "linked.jpg", (40, 190, 60), seed=77)
     (source / "green" / "link to photo.jpg").symlink_to(elsewhere)
     (source / "red" / "dangling.jpg").symlink_to(tmp_path / "nothing.jpg")
+    os.mkfifo(source / "red" / "pipe.jpg")  # would block open() forever
     draw(source / "red" / "fleur d'été — 1.jpg", (220, 40, 40), seed=78)
     result = split(source, tmp_path / "data")
     s = sides(tmp_path / "data")
     assert "green/link to photo.jpg" in s and "red/fleur d'été — 1.jpg" in s
     assert "red/dangling.jpg" not in s and "dangling.jpg: a dangling link" in result.stderr
+    assert "red/pipe.jpg" not in s and "pipe.jpg: not a regular file" in result.stderr
     linked = tmp_path / "data" / s["green/link to photo.jpg"] / "green" / "link to photo.jpg"
     assert linked.read_bytes() == elsewhere.read_bytes()
 

@@ -606,7 +606,7 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_good_weights(split_
                  "--class-idx", tmp_path / "c.json", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
     assert_clean_error(result, "the training loss became nan in epoch 1", "--lr")
     assert weights.read_bytes() == b"the good weights of an earlier run"
-    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+    assert not (tmp_path / "run" / "checkpoint.pth").exists() and not (tmp_path / "c.json").exists()
 
 
 @pytest.mark.parametrize("what", ["NiN.pth", "a checkpoint without its classes"])
