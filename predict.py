@@ -362,8 +362,8 @@ def evaluate_folder(model: nin.NiN, classes: list[str], image_size: int, calibra
     out = args.out_dir
     nin.save_csv(rows, out / "eval_predictions.csv")
     nin.save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
-    reliability_figure(raw, probs, targets, calibration.temperature, threshold, reliability,
-                       out / "eval_reliability.png")
+    reliability_figure(raw, probs, targets, f"temperature {calibration.temperature:.2f}",
+                       f"'not sure' below {threshold:.0%}", reliability, out / "eval_reliability.png")
     written = [out / "eval_predictions.csv", out / "eval_confusion.png", out / "eval_reliability.png"]
     if mistakes:
         gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
@@ -393,25 +393,27 @@ def ece_line(summary: dict[str, float], photos: int) -> str:
             f"(a perfectly calibrated model would read about {summary['ece_if_calibrated']:.1%} on {photos} photos)")
 
 
-def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, temperature: float,
-                       threshold: float, summary: dict[str, float], path: Path) -> None:
+def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, calibrated: str,
+                       not_sure: str, summary: dict[str, float], path: Path) -> None:
     """Left: accuracy against confidence in the ECE's bins, raw and calibrated, beside the diagonal a calibrated
-    model follows (dot size: photos per bin). Right: what each 'not sure' threshold would give, the share of
-    photos answered against the accuracy of those answers (a risk-coverage curve), the chosen one marked.
-    `summary` is calibration_summary's, for the figures the plot names."""
+    model follows (dot area: the share of photos in the bin). Right: what each 'not sure' threshold would give,
+    the share of photos answered against the accuracy of those answers (a risk-coverage curve), the chosen one
+    marked.
+    `calibrated` and `not_sure` name the calibration and the threshold; `summary` is calibration_summary's,
+    for the figures the plot names."""
     plt = nin.pyplot_for_files()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.8))
     left.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     for name, p, ece, colour in (("raw softmax", raw, summary["ece_raw"], "tab:orange"),
-                                 (f"temperature {temperature:.2f}", probs, summary["ece"], "tab:blue")):
+                                 (calibrated, probs, summary["ece"], "tab:blue")):
         confidence, predicted = p.max(1)
         which = nin.confidence_bin(confidence)
         points = [(confidence[which == b].mean().item(), (predicted == targets)[which == b].float().mean().item(),
                    int((which == b).sum())) for b in range(nin.ECE_BINS) if (which == b).any()]
         left.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color=colour,
                   label=f"{name}: ECE {ece:.1%}")
-        left.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=[4 + n for _, _, n in points],
-                     color=colour, alpha=0.3)
+        left.scatter([x for x, _, _ in points], [y for _, y, _ in points],
+                     s=[4 + 400 * n / len(targets) for _, _, n in points], color=colour, alpha=0.3)
     left.set(xlabel="top probability (binned)", ylabel="accuracy in the bin", xlim=(0, 1), ylim=(0, 1.02))
     left.set_title(f"reliability, {len(targets)} photos (a perfectly calibrated model\nwould read ECE "
                    f"{summary['ece_if_calibrated']:.1%} on so few)", fontsize=10)
@@ -424,7 +426,7 @@ def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Te
     right.plot(answered, accuracy, color="tab:blue")
     if summary["answered"] > 0:
         right.plot(summary["answered"], summary["answered_accuracy"], "o", color="tab:red",
-                   label=f"'not sure' below {threshold:.0%}")
+                   label=not_sure)
         right.legend(loc="lower left", fontsize=8)
     right.set(xlabel="share of photos answered (the rest: 'not sure')", ylabel="accuracy of the answered photos",
               xlim=(0, 1.02))

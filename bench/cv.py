@@ -13,6 +13,8 @@ Writes into --out (and prints cv.md):
   cv.md, folds.csv          per fold: photos, best- and last-epoch val accuracy, wall time; the pooled figures,
                             and how well one temperature calibrates the probabilities (predict.py --calibrate)
   oof_predictions.csv       every photo: its fold, its folder's label, its out-of-fold probabilities
+  oof_confusion.png         their confusion matrix, and oof_reliability.png, their reliability diagram when each
+                            fold is calibrated from the other folds (predict.py --eval draws both for one folder)
   suspect_labels.csv/.png   the photos whose prediction most confidently disagrees with their folder, with the
                             class map of the predicted class: where to look first for mislabelled photos
 Run again with the same settings, it reuses the finished folds and resumes a cut one (--resume). Folds run one
@@ -176,12 +178,17 @@ def recall_text(cm: torch.Tensor, classes: list[str]) -> str:
                      for i, c in enumerate(classes))
 
 
-def report(results: list[dict], folds: int, rows: list[dict], command: str) -> str:
+def pooled_confusion(rows: list[dict], classes: list[str]) -> torch.Tensor:
+    """The confusion matrix of the out-of-fold predictions (rows: the folders, columns: the predictions)."""
+    index = {c: i for i, c in enumerate(classes)}
+    return nin.confusion_matrix(torch.tensor([index[r["label"]] for r in rows]),
+                                torch.tensor([index[r["predicted"]] for r in rows]), len(classes))
+
+
+def report(results: list[dict], folds: int, rows: list[dict], calibration: dict, command: str) -> str:
     """cv.md: the per-fold table and the pooled figures."""
     classes = results[0]["classes"]
-    index = {c: i for i, c in enumerate(classes)}
-    last_cm = nin.confusion_matrix(torch.tensor([index[r["label"]] for r in rows]),
-                               torch.tensor([index[r["predicted"]] for r in rows]), len(classes))
+    last_cm = pooled_confusion(rows, classes)
     best_cm = sum(torch.tensor(r["best_confusion"]) for r in results)
     correct, total = int(last_cm.diag().sum()), len(rows)
     lines = [f"# Cross-validation, {folds} folds" + ("" if len(results) == folds else
@@ -195,36 +202,61 @@ def report(results: list[dict], folds: int, rows: list[dict], command: str) -> s
               f"Per-class recall, last epoch: {recall_text(last_cm, classes)}.", "",
               f"Best epoch of each fold, pooled: {accuracy_text(int(best_cm.diag().sum()), int(best_cm.sum()))}; "
               f"optimistic, as each fold's best epoch was chosen on the photos it is scored on. "
-              f"Per-class recall: {recall_text(best_cm, classes)}.", "", calibration_text(rows, classes)]
+              f"Per-class recall: {recall_text(best_cm, classes)}.", "", calibration_text(calibration, len(rows))]
     return "\n".join(lines) + "\n"
 
 
-def calibration_text(rows: list[dict], classes: list[str]) -> str:
+def calibrate(rows: list[dict], classes: list[str]) -> dict:
     """How well the out-of-fold probabilities are calibrated by one temperature: fitted on all of them (what
-    `predict.py --calibrate oof_predictions.csv` stores, measured on the photos it was fitted on), and
-    cross-fitted: each fold's photos calibrated by the temperature and 'not sure' threshold fitted on the
-    other folds' photos, which is how new photos would fare."""
+    `predict.py --calibrate oof_predictions.csv` stores, measured on the photos it was fitted on), and, with
+    two folds or more, cross-fitted: each fold's photos calibrated by the temperature and 'not sure' threshold
+    fitted on the other folds' photos, which is how new photos would fare."""
     logits, labels = predict.oof_logits(rows, classes)
     temperature = nin.fit_temperature(logits, labels)
-    raw_ece = nin.expected_calibration_error(logits.softmax(1), labels)
-    fitted_ece = nin.expected_calibration_error((logits / temperature).softmax(1), labels)
-    text = (f"Calibration by one temperature, fitted on all these photos: {temperature:.3f}; expected "
-            f"calibration error ({nin.ECE_BINS} bins) {raw_ece:.2%} raw, {fitted_ece:.2%} calibrated, measured on "
-            f"the photos it was fitted on.")
+    result = {"temperature": temperature, "ece_raw": nin.expected_calibration_error(logits.softmax(1), labels),
+              "ece_fitted": nin.expected_calibration_error((logits / temperature).softmax(1), labels)}
     folds = torch.tensor([int(r["fold"]) for r in rows])
     if len(folds.unique()) < 2:
-        return text
+        return result
     probs, thresholds = torch.empty_like(logits), torch.empty(len(rows), dtype=logits.dtype)
+    temperatures = []
     for fold in folds.unique():
         mine, others = folds == fold, folds != fold
-        fold_temperature = nin.fit_temperature(logits[others], labels[others])
-        probs[mine] = (logits[mine] / fold_temperature).softmax(1)
-        thresholds[mine] = nin.not_sure_threshold((logits[others] / fold_temperature).softmax(1), labels[others])
-    crossed = predict.calibration_summary(logits.softmax(1), probs, labels, thresholds)
+        temperatures.append(nin.fit_temperature(logits[others], labels[others]))
+        probs[mine] = (logits[mine] / temperatures[-1]).softmax(1)
+        thresholds[mine] = nin.not_sure_threshold((logits[others] / temperatures[-1]).softmax(1), labels[others])
+    return {**result, "raw": logits.softmax(1), "labels": labels, "crossed_probs": probs,
+            "fold_temperatures": (min(temperatures), max(temperatures)),
+            "crossed": predict.calibration_summary(logits.softmax(1), probs, labels, thresholds)}
+
+
+def calibration_text(calibration: dict, photos: int) -> str:
+    text = (f"Calibration by one temperature, fitted on all these photos: {calibration['temperature']:.3f}; "
+            f"expected calibration error ({nin.ECE_BINS} bins) {calibration['ece_raw']:.2%} raw, "
+            f"{calibration['ece_fitted']:.2%} calibrated, measured on the photos it was fitted on.")
+    if "crossed" not in calibration:
+        return text
+    crossed = calibration["crossed"]
     return (text + f" Each fold calibrated from the other folds: ECE {crossed['ece']:.2%} (a perfectly calibrated "
-            f"model would read about {crossed['ece_if_calibrated']:.1%} on {len(rows):,} photos); with the 'not "
+            f"model would read about {crossed['ece_if_calibrated']:.1%} on {photos:,} photos); with the 'not "
             f"sure' threshold fitted there too, {crossed['answered']:.1%} of the photos answered, "
             f"{crossed['answered_accuracy']:.2%} of them right.")
+
+
+def save_figures(rows: list[dict], classes: list[str], calibration: dict, out: Path) -> list[str]:
+    """oof_confusion.png, and with two folds or more oof_reliability.png (cross-fitted): pictures of the
+    weights' quality that no photo they trained on flatters. Returns the names written."""
+    cm = pooled_confusion(rows, classes)
+    nin.save_confusion_matrix(cm, classes, out / "oof_confusion.png",
+                              f"out of fold, last epoch: {int(cm.diag().sum()) / len(rows):.1%} of {len(rows):,}")
+    if "crossed" not in calibration:
+        return ["oof_confusion.png"]
+    low, high = calibration["fold_temperatures"]
+    predict.reliability_figure(calibration["raw"], calibration["crossed_probs"], calibration["labels"],
+                               f"temperature of the other folds ({low:.2f}-{high:.2f})",
+                               "'not sure' below the other folds' threshold", calibration["crossed"],
+                               out / "oof_reliability.png")
+    return ["oof_confusion.png", "oof_reliability.png"]
 
 
 def suspects(rows: list[dict]) -> list[dict]:
@@ -295,8 +327,11 @@ def main() -> None:
                   key=lambda row: row["photo"])
     nin.save_csv(rows, args.out / "oof_predictions.csv")
     command = shlex.join(["python", "bench/cv.py", *sys.argv[1:]])
-    table = report(done, args.folds, rows, command)
+    class_names = done[0]["classes"]
+    calibration = calibrate(rows, class_names)
+    table = report(done, args.folds, rows, calibration, command)
     nin.atomic_write(args.out / "cv.md", lambda f: f.write(table), mode="w")
+    figures = save_figures(rows, class_names, calibration, args.out)
     nin.save_csv([{k: v for k, v in r.items() if k not in ("classes", "best_confusion")} for r in done],
              args.out / "folds.csv")
     chosen = suspects(rows)
@@ -304,7 +339,7 @@ def main() -> None:
         nin.save_csv(chosen, args.out / "suspect_labels.csv")
         suspect_gallery(chosen, args.out, source, args.workers, device)
     print(table)
-    print(f"wrote {args.out}: cv.md, folds.csv, oof_predictions.csv" +
+    print(f"wrote {args.out}: cv.md, folds.csv, oof_predictions.csv, {', '.join(figures)}" +
           (", suspect_labels.csv and .png" if chosen else ""))
     if len(done) < args.folds:
         raise nin.CLIError(f"{args.folds - len(done)} fold(s) failed: run the same command again to resume them")

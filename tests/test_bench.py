@@ -71,6 +71,8 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
                                                                  reverse=True)
     if suspects:
         assert (tmp_path / "cv" / "suspect_labels.png").read_bytes()[:4] == b"\x89PNG"
+    for figure in ("oof_confusion.png", "oof_reliability.png"):
+        assert (tmp_path / "cv" / figure).read_bytes()[:4] == b"\x89PNG" and figure in first.stdout
     # Its calibration line fits the temperature that predict.py --calibrate would store from the same file...
     shutil.copy(tmp_path / "cv" / "fold-0" / "NiN.pth", tmp_path / "copy.pth")
     run("predict.py", "--calibrate", tmp_path / "cv" / "oof_predictions.csv", "--weights", tmp_path / "copy.pth",
