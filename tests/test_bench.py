@@ -19,7 +19,7 @@ def test_sweep_tabulates_each_config_over_seeds_and_reuses_finished_runs(split_d
     args = ["--data-dir", split_data_dir, "--runs-dir", tmp_path / "sweep", "--seeds", "0,1", "--parallel", "2",
             f"plain={flags}", "broken=--epochs 0"]
     first = run("bench/sweep.py", *args, cwd=tmp_path)
-    rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv", newline="")))
+    rows = nin.load_csv(tmp_path / "sweep" / "results.csv")
     assert [r["name"] for r in rows] == ["plain"]  # the failed config is left out...
     assert "broken seed 0 failed" in first.stderr  # ...and named
     each = [float(b) for b in rows[0]["best_each"].split()]
@@ -54,7 +54,7 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
     source = make_dataset(tmp_path / "source", per_class=12)
     args = ["--folds", "2", "--source", source, "--out", tmp_path / "cv", "--", *TRAIN_FLAGS, "--epochs", "1"]
     first = run("bench/cv.py", *args, cwd=tmp_path)
-    rows = list(csv.DictReader(open(tmp_path / "cv" / "oof_predictions.csv", newline="")))
+    rows = nin.load_csv(tmp_path / "cv" / "oof_predictions.csv")
     assert sorted(r["photo"] for r in rows) == sorted(f"{c}/{f.name}" for c in COLOURS for f in (source / c).iterdir())
     assert {r["fold"] for r in rows} == {"0", "1"}
     for r in rows:  # probabilities that sum to one, and the prediction is their argmax
@@ -63,7 +63,7 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
     correct = sum(r["predicted"] == r["label"] for r in rows)
     assert f"last epoch: {correct / 36:.2%} ({correct}/36; 95 % interval" in first.stdout
     assert (tmp_path / "cv" / "cv.md").read_text() in first.stdout
-    folds = list(csv.DictReader(open(tmp_path / "cv" / "folds.csv", newline="")))
+    folds = nin.load_csv(tmp_path / "cv" / "folds.csv")
     assert [int(f["photos"]) for f in folds] == [sum(r["fold"] == str(i) for r in rows) for i in (0, 1)]
     suspects = nin.load_csv(tmp_path / "cv" / "suspect_labels.csv") if correct < 36 else []  # written if any
     assert len(suspects) == min(36 - correct, 24) and all(s["folder"] != s["predicted"] for s in suspects)

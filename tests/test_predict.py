@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -21,11 +20,6 @@ import nin
 def predict(trained, *args, check: bool = True, process: bool = False):
     return run("predict.py", *args, "--weights", trained["weights"], "--class-idx", trained["class_idx"],
                "--out-dir", trained["dir"] / "predict", cwd=trained["dir"], check=check, process=process)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +131,7 @@ def test_missing_class_index(trained, photos, tmp_path):
 def test_several_images_give_a_csv_row_each(trained, photos, tmp_path):
     rgb = [photos[(name, "RGB")] for name in COLOURS]
     result = predict(trained, *rgb, "--save", tmp_path / "grid.png", "--heatmap")
-    rows = read_csv(trained["dir"] / "predict" / "predictions.csv")
+    rows = nin.load_csv(trained["dir"] / "predict" / "predictions.csv")
     assert [r["image"] for r in rows] == [str(p) for p in rgb]
     assert [r["predicted"] for r in rows] == list(COLOURS)
     for row in rows:
@@ -172,7 +166,7 @@ def test_eval_reports_numbers_that_match_its_csv(trained, split_data_dir, tmp_pa
     result = predict(trained, "--eval", val, "--json", "--top-k", "2")
     report = json.loads(result.stdout)
     assert "purple" in result.stderr and "not scored" in result.stderr
-    rows = read_csv(out / "eval_predictions.csv")
+    rows = nin.load_csv(out / "eval_predictions.csv")
     n_images = len(list((split_data_dir / "val").glob("*/*.jpg")))
     assert report["images"] == len(rows) == n_images
     assert report["top1"] == pytest.approx(sum(int(r["correct"]) for r in rows) / len(rows), abs=1e-4)
@@ -442,7 +436,7 @@ def test_not_sure_in_text_json_and_csv(trained, photos, tmp_path):
     assert text.count("not sure (best guess: ") == 2
     listed = json.loads(predict_with(weights, trained, *images, "--json").stdout)
     assert [r["not_sure"] for r in listed] == [True, True]
-    assert [r["not_sure"] for r in read_csv(trained["dir"] / "predict" / "predictions.csv")] == ["1", "1"]
+    assert [r["not_sure"] for r in nin.load_csv(trained["dir"] / "predict" / "predictions.csv")] == ["1", "1"]
     sure = json.loads(predict_with(weights, trained, *images, "--json", "--not-sure", "0").stdout)
     assert [r["not_sure"] for r in sure] == [False, False]  # the flag wins over the stored threshold
 
@@ -451,13 +445,13 @@ def test_eval_reports_calibration_and_draws_a_reliability_diagram(trained, split
     weights = calibrated_copy(trained, tmp_path, temperature=2.0, not_sure_below=0.6)
     result = predict_with(weights, trained, "--eval", split_data_dir / "val", "--json")
     report = json.loads(result.stdout)
-    rows = read_csv(trained["dir"] / "predict" / "eval_predictions.csv")  # each photo's calibrated top probability
+    rows = nin.load_csv(trained["dir"] / "predict" / "eval_predictions.csv")  # each photo's calibrated top probability
     confidence = torch.tensor([float(r["probability"]) for r in rows], dtype=torch.float64)
     correct = torch.tensor([float(r["correct"]) for r in rows], dtype=torch.float64)
     assert report["ece"] == pytest.approx(nin.calibration_gap(confidence, correct, nin.ECE_BINS), abs=2e-3)
     assert report["ece"] != report["ece_raw"]
     assert 0 < report["ece_if_calibrated"] < 1
-    answered = [float(r["probability"]) >= 0.6 for r in read_csv(trained["dir"] / "predict" / "eval_predictions.csv")]
+    answered = [float(r["probability"]) >= 0.6 for r in rows]
     assert report["answered"] == pytest.approx(sum(answered) / len(answered), abs=1e-4)
     assert (trained["dir"] / "predict" / "eval_reliability.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import signal
 import subprocess
@@ -18,13 +17,8 @@ from conftest import COLOURS, ROOT, TRAIN_FLAGS, assert_clean_error, draw, make_
 import nin
 
 
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_training_learns_and_writes_every_output(trained):
-    rows = read_metrics(trained["run"] / "metrics.csv")
+    rows = nin.load_csv(trained["run"] / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "size", "seconds"}
     assert {r["size"] for r in rows} == {"64"}
@@ -79,7 +73,7 @@ def test_training_on_every_photo_without_val(tmp_path):
     assert "36 training and 0 validation images" in result.stdout
     assert "nothing to validate on" in result.stdout
     assert "no validation photos: NiN.pth holds the last epoch's weights (epoch 2)" in result.stdout
-    assert [r["val_acc"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["", ""]
+    assert [r["val_acc"] for r in nin.load_csv(tmp_path / "run" / "metrics.csv")] == ["", ""]
     assert (tmp_path / "run" / "curves.png").is_file() and not (tmp_path / "run" / "confusion.png").exists()
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert same_weights(tmp_path / "NiN.pth", checkpoint["model"])
@@ -108,7 +102,7 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
         time.sleep(0.02)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    done = len(read_metrics(out / "metrics.csv"))
+    done = len(nin.load_csv(out / "metrics.csv"))
     saved = torch.load(out / "checkpoint.pth", weights_only=True)["epoch"]
     assert saved in (done, done + 1) and saved < 6  # the CSV is written last: a kill may fall just before it
     if sig == signal.SIGINT:  # a one-line message that says how to resume this run, no traceback
@@ -119,7 +113,7 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     resumed = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
     assert f"after epoch {saved}" in resumed.stdout
-    assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 6
 
 
@@ -141,7 +135,7 @@ def test_streaming_path_without_cache(split_data_dir, tmp_path):
     result = run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--epochs", "2", "--no-cache",
                  "--workers", "1", "--out-dir", tmp_path, "--weights", tmp_path / "NiN.pth",
                  "--class-idx", tmp_path / "c.json", cwd=tmp_path)
-    assert len(read_metrics(tmp_path / "metrics.csv")) == 2
+    assert len(nin.load_csv(tmp_path / "metrics.csv")) == 2
     assert (tmp_path / "NiN.pth").is_file() and "val accuracy: last epoch" in result.stdout
 
 
@@ -255,7 +249,7 @@ def test_progressive_run_validates_and_saves_at_the_full_size(split_data_dir, tm
     result = run("train.py", *flags, cwd=tmp_path)
     epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[-3] for line in epochs] == ["64", "64", "80"]  # "... 64 px  1.2s"
-    assert [r["size"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["64", "64", "80"]
+    assert [r["size"] for r in nin.load_csv(tmp_path / "run" / "metrics.csv")] == ["64", "64", "80"]
     assert nin.load_weights(tmp_path / "NiN.pth")[2] == 80  # predict.py's input size: the final one
 
 
@@ -273,7 +267,7 @@ def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path
     torch.save(checkpoint, out / "checkpoint.pth")
     result = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
     assert "resumed" in result.stdout
-    assert [(r["epoch"], r["size"]) for r in read_metrics(out / "metrics.csv")] == [("1", "64"), ("2", "64")]
+    assert [(r["epoch"], r["size"]) for r in nin.load_csv(out / "metrics.csv")] == [("1", "64"), ("2", "64")]
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "a file"])
@@ -346,7 +340,7 @@ def test_adam_and_adamw_with_the_step_schedule(split_data_dir, tmp_path):
     run("train.py", *TRAIN_FLAGS, "--epochs", "3", "--optimizer", "adam", "--lr", "0.002", "--schedule", "step",
         "--step-epochs", "1", "--data-dir", split_data_dir, "--out-dir", tmp_path / "run",
         "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path)
-    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    rows = nin.load_csv(tmp_path / "run" / "metrics.csv")
     assert [float(r["lr"]) for r in rows] == pytest.approx([2e-3, 2e-4, 2e-5])
     assert all(float(r["train_loss"]) < 10 for r in rows)  # finite and sane
     state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["optimizer"]["state"]
@@ -384,7 +378,7 @@ def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
     result = torchrun_two_processes(*flags, cwd=tmp_path)
     assert result.stdout.count("val accuracy: last epoch") == 1  # only rank 0 speaks
     assert "2 processes x batch 8 = 16 images a step" in result.stdout
-    rows = read_metrics(out / "metrics.csv")
+    rows = nin.load_csv(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
     assert max(float(r["val_acc"]) for r in rows) >= 0.9
     probe = draw(tmp_path / "probe.png", (220, 40, 40), seed=4242)
@@ -397,7 +391,7 @@ def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
     torch.save(checkpoint, out / "checkpoint.pth")
     resumed = torchrun_two_processes("--resume", "--out-dir", out, "--device", "cpu", cwd=tmp_path)
     assert resumed.stdout.count("resumed") == 1 and "after epoch 8" in resumed.stdout
-    assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == list(range(1, 10))
+    assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == list(range(1, 10))
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("30m", 1800), ("1h30m", 5400), ("2h", 7200), ("1m5s", 65)])
@@ -495,7 +489,7 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     start = time.monotonic()
     resumed = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path)
     assert time.monotonic() - start < 15 + 5  # the rest of the budget, and seconds to load and save
-    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    rows = nin.load_csv(tmp_path / "run" / "metrics.csv")
     assert 2 < len(rows) <= planned and rows[-1]["val_acc"] != ""  # grew back, as far as the time left allows
     assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["args"]["epochs"] == len(rows)
     assert "stopping after" not in resumed.stdout and rows[-1]["size"] == "80"  # the plan's end, not a cut
@@ -589,13 +583,13 @@ def test_a_machine_that_slows_down_midway_ends_on_time_with_the_schedule_finishe
     assert time.monotonic() - start < 25 + 3  # the budget, and the seconds of Python before train.py's clock
     assert "of the measured pace" in result.stdout and "stopping after" not in result.stdout
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
-    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    rows = nin.load_csv(tmp_path / "run" / "metrics.csv")
     assert checkpoint["args"]["epochs"] == len(rows) < checkpoint["args"]["plan_epochs"]  # shrunk, run to its end
     assert [r["size"] for r in rows[-2:]] == ["80", "80"] and rows[-1]["val_acc"] != ""
     assert checkpoint["optimizer"]["param_groups"][0]["lr"] < 1e-9  # the schedule laid out for the shrunk plan
 
     run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path)
-    assert read_metrics(tmp_path / "run" / "metrics.csv") == rows
+    assert nin.load_csv(tmp_path / "run" / "metrics.csv") == rows
 
 
 def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_good_weights(split_data_dir, tmp_path, monkeypatch):
@@ -710,7 +704,7 @@ def test_a_resumed_run_draws_the_same_random_numbers_as_an_uninterrupted_one(spl
     checkpoint["args"]["epochs"] = 3
     torch.save(checkpoint, cut / "checkpoint.pth")
     run("train.py", "--resume", "--out-dir", cut, cwd=tmp_path)
-    third = [read_metrics(out / "metrics.csv")[2] for out in (whole, cut)]
+    third = [nin.load_csv(out / "metrics.csv")[2] for out in (whole, cut)]
     assert third[0]["train_loss"] == third[1]["train_loss"] and third[0]["val_acc"] == third[1]["val_acc"]
 
 
@@ -735,7 +729,7 @@ def test_resume_of_a_moved_run_folder_writes_there(split_data_dir, tmp_path):
     shutil.move(first, tmp_path / "moved")
     run("train.py", "--resume", "--out-dir", tmp_path / "moved", cwd=tmp_path)
     assert not first.exists()  # nothing written back into the old place
-    assert len(read_metrics(tmp_path / "moved" / "metrics.csv")) == 2 and (tmp_path / "moved" / "NiN.pth").is_file()
+    assert len(nin.load_csv(tmp_path / "moved" / "metrics.csv")) == 2 and (tmp_path / "moved" / "NiN.pth").is_file()
 
 
 def test_streaming_skips_an_unreadable_photo_too(tmp_path, split_data_dir):
@@ -747,4 +741,4 @@ def test_streaming_skips_an_unreadable_photo_too(tmp_path, split_data_dir):
                  "--out-dir", tmp_path / "run", "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json",
                  cwd=tmp_path)
     assert result.stderr.count("truncated.jpg") == 1  # warned once, not every epoch
-    assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 2
+    assert len(nin.load_csv(tmp_path / "run" / "metrics.csv")) == 2
