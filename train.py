@@ -16,8 +16,10 @@ Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
+import gc
 import hashlib
 import itertools
 import math
@@ -309,6 +311,7 @@ def start_run(device_name: str | None, amp: str) -> Run:
             torch.cuda.set_device(device)
         # A crashed process must not leave the others waiting forever in a collective.
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=DIST_TIMEOUT_MINUTES))
+        atexit.register(leave_process_group)  # on every way out: the run's end, an error, Ctrl-C
         rank, world = dist.get_rank(), dist.get_world_size()
     # A handful of input shapes per run: cuDNN times its algorithms once per shape and keeps the fastest.
     torch.backends.cudnn.benchmark = True
@@ -316,6 +319,15 @@ def start_run(device_name: str | None, amp: str) -> Run:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=use_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp == "fp16")
     return Run(device, rank, world, autocast, scaler)
+
+
+def leave_process_group() -> None:
+    """Leave torchrun's process group and free what still holds it (DistributedDataParallel sits in reference
+    cycles) while Python is still whole. A gloo worker thread still running when the interpreter shuts down
+    aborts the process ("terminate called without an active exception", SIGABRT) after the run succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def per_process_batch(args: argparse.Namespace, run: Run) -> int:
@@ -1171,7 +1183,7 @@ def set_rng_state(state: dict | None, seed: int, epoch: int, run: Run) -> None:
 
 @contextlib.contextmanager
 def resume_hint_on_ctrl_c(saver: Saver, out_dir: Path) -> Iterator[None]:
-    """Turns Ctrl-C into a one-line message that says how to resume; leaves torchrun's process group."""
+    """Turns Ctrl-C into a one-line message that says how to resume."""
     try:
         yield
     except KeyboardInterrupt:
@@ -1181,9 +1193,6 @@ def resume_hint_on_ctrl_c(saver: Saver, out_dir: Path) -> Iterator[None]:
                                                 f" --out-dir {shlex.quote(str(out_dir))}")
         raise nin.CLIError(f"interrupted; epoch {saver.saved_epoch} is saved in {saver.checkpoint}: "
                            f"`{command}` finishes the run") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def summary(progress: Progress, classes: list[str], keep_last: bool, weights: Path) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -360,6 +362,37 @@ def test_torchrun_refuses_mps_instead_of_training_on_the_cpu(monkeypatch):
     with pytest.raises(nin.CLIError, match="pass --device cpu"):
         train.start_run(None, "bf16")
     assert not torch.distributed.is_initialized()
+
+
+LEAVES_GROUP_AT_EXIT = """
+import atexit, weakref
+import torch, torch.distributed as dist
+import train
+train.start_run("cpu", "off")  # as one process of torchrun, from the environment
+ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+ddp(torch.ones(1, 2)).sum().backward()
+wrapper = weakref.ref(ddp)
+cycle = [ddp]
+cycle.append(cycle)  # in a run, the wrapper is reachable only through reference cycles by now
+del ddp, cycle
+atexit._run_exitfuncs()  # what Python runs first when it shuts down
+print("initialized" if dist.is_initialized() else "left", "alive" if wrapper() is not None else "freed")
+"""
+
+
+def test_torchrun_process_group_is_left_and_freed_before_python_shuts_down():
+    """A gloo thread still running when the interpreter shuts down aborts a process whose run went well
+    (SIGABRT, "terminate called without an active exception"), now and then: at exit, the group is left and
+    the DistributedDataParallel wrapper that holds it freed while Python is whole."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    result = subprocess.run([sys.executable, "-c", LEAVES_GROUP_AT_EXIT], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["left", "freed"]
 
 
 def torchrun_two_processes(*flags, cwd: Path) -> subprocess.CompletedProcess:
