@@ -157,7 +157,15 @@ WORKERS = min(8, os.cpu_count() or 1)  # threads that decode (and hash) photos i
 
 
 def is_image_name(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    """An image by its name; hidden files are not (macOS writes a `._photo.jpg` of metadata beside photos)."""
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The files named like images under folder, sorted; none from hidden folders (.ipynb_checkpoints, ...)."""
+    return sorted(f for f in folder.rglob("*") if not f.is_dir() and is_image_name(f)
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 class UnreadableImage(ValueError):

@@ -106,18 +106,12 @@ def check_outputs(args: argparse.Namespace) -> None:
     nin.check_output_folder(args.out_dir, "--out-dir")
 
 
-def find_images(folder: Path) -> list[Path]:
-    """The files named like images under folder; special files and dangling links among them are skipped with
-    a warning when decoded, as train.py does."""
-    return sorted(f for f in folder.rglob("*") if not f.is_dir() and nin.is_image_name(f))
-
-
 def expand(paths: list[Path]) -> list[Path]:
     """Files as given; folders replaced by the images inside them, sorted."""
     files = []
     for path in paths:
         if path.is_dir():
-            found = find_images(path)
+            found = nin.image_files(path)  # special files among them: skipped with a warning when decoded
             if not found:
                 nin.warn(f"no images in folder {path}")
             files += found
@@ -134,7 +128,7 @@ def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[
         raise nin.CLIError(f"evaluation folder not found: {folder}")
     paths, labels = [], []
     for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        found = find_images(sub)
+        found = nin.image_files(sub)
         if sub.name not in classes:
             nin.warn(f"class folder {sub.name!r} ({len(found)} images) is not a class of the weights: not scored")
         elif found:

@@ -414,19 +414,30 @@ def make_model(num_classes: int, args: argparse.Namespace) -> nin.NiN:
                    head_width=args.head_width)
 
 
+class PhotoFolder(ImageFolder):
+    """ImageFolder whose classes leave hidden folders out (.ipynb_checkpoints, ...), as split_data.py and
+    predict.py do."""
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = [name for name in super().find_classes(directory)[0] if not name.startswith(".")]
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 def find_images(split_dir: Path) -> ImageFolder:
-    """ImageFolder's listing of split_dir, with its errors turned into advice."""
+    """The photos of split_dir by class folder, with ImageFolder's errors turned into advice."""
     if not split_dir.is_dir():
         raise nin.CLIError(f"{split_dir} not found: run `python split_data.py` first")
     try:
-        return ImageFolder(split_dir, is_valid_file=nin.is_image_name)  # what split_data.py and predict.py use
+        return PhotoFolder(split_dir, is_valid_file=nin.is_image_name)  # what split_data.py and predict.py use
     except OSError as error:  # no class folders, an empty class, a folder we may not read
         raise nin.CLIError(f"{split_dir}: {error}") from None
 
 
 def find_val_images(val_dir: Path) -> ImageFolder | None:
     """find_images for val/, or None when it holds no photos at all (split_data.py --val-ratio 0)."""
-    if val_dir.is_dir() and not any(nin.is_image_name(f) for f in val_dir.rglob("*")):
+    if val_dir.is_dir() and not nin.image_files(val_dir):
         return None
     return find_images(val_dir)
 

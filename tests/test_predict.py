@@ -72,6 +72,21 @@ def test_folders_are_searched_and_bad_files_skipped(trained, photos, tmp_path):
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
 
 
+def test_hidden_files_and_folders_are_not_photos(trained, tmp_path):
+    """macOS's `._photo.jpg` metadata beside a photo and Jupyter's checkpoint folder: neither predicted nor
+    warned about, on a folder given to predict and in an --eval folder."""
+    for folder in (tmp_path / "photos", tmp_path / "eval" / "red"):
+        draw(folder / "red.jpg", COLOURS["red"], seed=77)
+        (folder / "._red.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata, not a JPEG")
+        draw(folder / ".ipynb_checkpoints" / "red-checkpoint.jpg", COLOURS["red"], seed=78)
+    result = predict(trained, tmp_path / "photos", "--json")
+    assert [Path(r["image"]).name for r in json.loads(result.stdout)] == ["red.jpg"]
+    assert "skipped" not in result.stderr
+    result = predict(trained, "--eval", tmp_path / "eval", "--out-dir", tmp_path / "out")
+    assert result.stdout.startswith(f"1 images of {tmp_path / 'eval'}:")
+    assert "skipped" not in result.stderr
+
+
 def test_weights_saved_on_a_gpu_load_on_the_cpu(trained, tmp_path, monkeypatch):
     """A NiN.pth written on a GPU tags its tensors cuda:0; load_weights maps them to the CPU. The file is made
     here by tagging every tensor so while saving, as torch.save does on a GPU."""

@@ -295,6 +295,21 @@ def test_empty_class_folder_is_a_clear_error(tmp_path, split_data_dir):
     assert_clean_error(result, "purple")
 
 
+def test_hidden_folders_are_not_classes(split_data_dir, tmp_path):
+    """A Jupyter checkpoint folder (or any hidden one) in train/ and val/ is not a class, and macOS's
+    `._photo.jpg` metadata files are not photos."""
+    import train
+
+    data = tmp_path / "data"
+    shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    for side in ("train", "val"):
+        draw(data / side / ".ipynb_checkpoints" / "copy-checkpoint.jpg", (220, 40, 40), seed=7)
+        (data / side / "red" / "._metadata.jpg").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble, not a JPEG")
+    photos = train.find_images(data / "train"), train.find_val_images(data / "val")
+    assert [p.classes for p in photos] == [list(COLOURS)] * 2
+    assert [len(p) for p in photos] == [len(train.find_images(split_data_dir / side)) for side in ("train", "val")]
+
+
 def test_train_and_val_with_different_classes(tmp_path, split_data_dir):
     data = tmp_path / "data"
     shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
