@@ -107,8 +107,8 @@ def main() -> None:
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
         if args.time and clock.spent_before >= args.time:
             raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: nothing more to train")
-        run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch} "
-                f"(best val acc {progress.best_acc:.4f})")
+        best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
+        run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
     pace = pace or measure_pace(args, len(data.classes), data.steps, len(data.val[1]) if data.val else 0, run)
     clock.predict(pace, args, data.steps, progress.epoch, run)
     saver = Saver(args, data.classes, keep_last=args.keep == "last" or data.val is None,

@@ -83,6 +83,8 @@ def test_training_on_every_photo_without_val(tmp_path):
     predicted = run("predict.py", photo, "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json",
                     "--save", tmp_path / "p.png", cwd=tmp_path)
     assert predicted.stdout.startswith(f"{photo}: ")
+    resumed = run("train.py", "--resume", "--out-dir", tmp_path / "run", "--epochs", "3", cwd=tmp_path)
+    assert "after epoch 2\n" in resumed.stdout and "best val acc" not in resumed.stdout  # no val: no best to quote
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
