@@ -337,7 +337,8 @@ def evaluate_folder(model: nin.NiN, classes: list[str], image_size: int, calibra
         print(json.dumps({**summary, "confusion_matrix": cm.tolist(), "classes": classes,
                           "mistakes": [rows[i] for i in mistakes[:MISTAKES_SHOWN]]}, indent=2))
     else:
-        print(f"{len(results)} images of {args.eval}: top-1 accuracy {summary['top1']:.2%}, "
+        images = "1 image" if len(results) == 1 else f"{len(results)} images"
+        print(f"{images} of {args.eval}: top-1 accuracy {summary['top1']:.2%}, "
               f"top-{k} {summary[f'top{k}']:.2%}" + (" (flip TTA)" if args.tta else ""))
         print(f"calibration ({calibration.fitted_on}): temperature {calibration.temperature:.3f}, "
               + ece_line(reliability, len(results)))

@@ -83,7 +83,7 @@ def test_hidden_files_and_folders_are_not_photos(trained, tmp_path):
     assert [Path(r["image"]).name for r in json.loads(result.stdout)] == ["red.jpg"]
     assert "skipped" not in result.stderr
     result = predict(trained, "--eval", tmp_path / "eval", "--out-dir", tmp_path / "out")
-    assert result.stdout.startswith(f"1 images of {tmp_path / 'eval'}:")
+    assert result.stdout.startswith(f"1 image of {tmp_path / 'eval'}:")
     assert "skipped" not in result.stderr
 
 
