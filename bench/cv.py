@@ -17,8 +17,9 @@ Writes into --out (and prints cv.md):
                             fold is calibrated from the other folds (predict.py --eval draws both for one folder)
   suspect_labels.csv/.png   the photos whose prediction most confidently disagrees with their folder, with the
                             class map of the predicted class: where to look first for mislabelled photos
-Run again with the same settings, it reuses the finished folds and resumes a cut one (--resume). Folds run one
-after another; --parallel N runs N at a time, which pays on a GPU (one small NiN run leaves it mostly idle).
+Run again with the same settings, it reuses the finished folds and resumes a cut one (--resume; its wall time
+counts every piece, a killed one up to its last logged line). Folds run one after another; --parallel N runs N
+at a time, which pays on a GPU (one small NiN run leaves it mostly idle).
 """
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def finish_fold(folder: Path, fold: int, seconds: float, workers: int, device: t
     return result
 
 
+def earlier_train_seconds(record: Path, log: Path) -> float:
+    """Wall time of this fold's earlier, interrupted train.py runs. A run killed outright (kill -9, a closed
+    session) could not add its own: it counts from its start to the last line it logged."""
+    if not record.is_file():
+        return 0.0
+    earlier = json.loads(record.read_text())
+    killed = max(0.0, log.stat().st_mtime - earlier["running_since"]) if earlier["running_since"] else 0.0
+    return earlier["seconds"] + killed
+
+
 def run_fold(fold: int, args: argparse.Namespace, flags: list[str], classes: dict[str, list[Path]],
              fractions: dict[Path, float | None], threads: int | None, device: torch.device) -> dict | None:
     """Split, train and score one fold (or read it if done); None if its training failed."""
@@ -141,10 +152,11 @@ def run_fold(fold: int, args: argparse.Namespace, flags: list[str], classes: dic
         return json.loads((folder / "result.json").read_text())
     split_data.write_split(classes, split_data.sides_for(fractions, folds=args.folds, fold=fold), folder / "data")
     print(f"fold {fold}: training (log: {folder / 'log.txt'})", flush=True)
-    seconds_file = folder / "train_seconds.txt"  # wall time of the earlier, interrupted runs of this fold
-    earlier = float(seconds_file.read_text()) if seconds_file.is_file() else 0.0
+    record = folder / "train_time.json"  # wall time of the fold's train.py runs, kept across interruptions
+    earlier = earlier_train_seconds(record, folder / "log.txt")
+    nin.save_json({"seconds": earlier, "running_since": time.time()}, record)
     ok, seconds = train_fold(folder, flags, threads)
-    seconds_file.write_text(f"{earlier + seconds:.1f}\n")
+    nin.save_json({"seconds": earlier + seconds, "running_since": None}, record)
     if not ok:
         nin.warn(f"fold {fold}: train.py failed, see {folder / 'log.txt'}; run again to resume it")
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -96,10 +97,17 @@ def test_cross_validation_resumes_a_fold_cut_short(tmp_path):
     checkpoint["epoch"], checkpoint["history"] = 1, checkpoint["history"][:1]  # as if killed after epoch 1
     torch.save(checkpoint, fold / "run" / "checkpoint.pth")
     (fold / "result.json").unlink()
+    # ...and as if that run, 100 s into the fold, was killed outright 50 s after it started: its time still counts
+    killed_at = (fold / "log.txt").stat().st_mtime
+    (fold / "train_time.json").write_text(json.dumps({"seconds": 100.0, "running_since": killed_at - 50}))
+    started = time.time()
     again = run("bench/cv.py", *args, cwd=tmp_path)
     assert "fold 1: training" in again.stdout and "fold 0: training" not in again.stdout
     assert "resumed" in (fold / "log.txt").read_text()
-    assert json.loads((fold / "result.json").read_text())["epochs"] == 2
+    result = json.loads((fold / "result.json").read_text())
+    assert result["epochs"] == 2
+    assert 150 < result["train_seconds"] < 150 + (time.time() - started)
+    assert json.loads((fold / "train_time.json").read_text())["running_since"] is None
 
 
 @pytest.mark.parametrize("flags,named", [(["--folds", "1"], "--folds"), (["--parallel", "0"], "--parallel"),
