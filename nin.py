@@ -156,16 +156,22 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 WORKERS = min(8, os.cpu_count() or 1)  # threads that decode (and hash) photos in every script: --workers
 
 
+def is_hidden(name: str) -> bool:
+    """Hidden files and folders are never photos or classes in any script: .DS_Store, .ipynb_checkpoints, and the
+    `._photo.jpg` of metadata that macOS writes beside photos."""
+    return name.startswith(".")
+
+
 def is_image_name(path: str | os.PathLike) -> bool:
-    """An image by its name; hidden files are not (macOS writes a `._photo.jpg` of metadata beside photos)."""
+    """An image by its name (and not hidden)."""
     path = Path(path)
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path.name)
 
 
 def image_files(folder: Path) -> list[Path]:
     """The files named like images under folder, sorted; none from hidden folders (.ipynb_checkpoints, ...)."""
     return sorted(f for f in folder.rglob("*") if not f.is_dir() and is_image_name(f)
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+                  and not any(is_hidden(part) for part in f.relative_to(folder).parts))
 
 
 class UnreadableImage(ValueError):

@@ -127,7 +127,7 @@ def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[
     if not folder.is_dir():
         raise nin.CLIError(f"evaluation folder not found: {folder}")
     paths, labels = [], []
-    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not nin.is_hidden(d.name)):
         found = nin.image_files(sub)
         if sub.name not in classes:
             nin.warn(f"class folder {sub.name!r} ({len(found)} images) is not a class of the weights: not scored")

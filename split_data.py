@@ -138,8 +138,8 @@ def list_classes(source: Path) -> dict[str, list[Path]]:
     if not source.is_dir():
         raise nin.CLIError(f"source folder not found: {source}")
     try:
-        classes = {d.name: sorted(f for f in d.iterdir() if not f.is_dir() and not f.name.startswith("."))
-                   for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+        classes = {d.name: sorted(f for f in d.iterdir() if not f.is_dir() and not nin.is_hidden(f.name))
+                   for d in sorted(source.iterdir()) if d.is_dir() and not nin.is_hidden(d.name)}
     except OSError as error:
         raise nin.CLIError(f"cannot read {source}: {error}") from None
     if not classes:

@@ -419,7 +419,7 @@ class PhotoFolder(ImageFolder):
     predict.py do."""
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
-        classes = [name for name in super().find_classes(directory)[0] if not name.startswith(".")]
+        classes = [name for name in super().find_classes(directory)[0] if not nin.is_hidden(name)]
         if not classes:
             raise FileNotFoundError(f"no class folder in {directory}")
         return classes, {name: i for i, name in enumerate(classes)}
