@@ -112,7 +112,7 @@ def classified(weights: Path, paths: list[Path], workers: int, device: torch.dev
 def finish_fold(folder: Path, fold: int, seconds: float, workers: int, device: torch.device) -> dict:
     """Score the fold's val photos with its last-epoch weights; write predictions.csv and result.json."""
     val = folder / "data" / "val"
-    paths = sorted(f for f in val.glob("*/*") if f.is_file() and not nin.is_hidden(f.name))
+    paths = nin.image_files(val)
     classes, results = classified(folder / "NiN.pth", paths, workers, device)
     if len(results) < len(paths):
         raise nin.CLIError(f"fold {fold}: a photo of the split could not be read again")
