@@ -10,9 +10,9 @@ normalises them itself and returns calibrated probabilities [N, C], so an app ca
 normalised numbers.
 The file's metadata holds "classes" (JSON list, in output order), "image_size" S, "temperature" and
 "not_sure_below" (answer "not sure" when the top probability is below it). Any batch
-size works. --check runs the file with onnxruntime on the images (and on drawn noise and flat colours) and
-refuses it unless every top-1 class matches predict.py's and every probability is within --tolerance; it also
-times one image through each (the median of 21 runs).
+size works. --check runs the export with onnxruntime on the images (and on drawn noise and flat colours) before
+it is written, and refuses it (writing nothing) unless every top-1 class matches predict.py's and every probability
+is within --tolerance; it also times one image through each (the median of 21 runs).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class Exported(torch.nn.Module):
         return (self.model(x) / self.temperature).softmax(1)
 
 
-def export(weights: Path, class_idx: Path, out: Path) -> tuple[list[str], int]:
-    """Write the ONNX file (atomically); its class names and image size."""
+def export(weights: Path, class_idx: Path) -> tuple[bytes, list[str], int]:
+    """The ONNX file's bytes, its class names and image size."""
     import onnx
 
     model, classes, image_size, calibration = predict.load_model(weights, class_idx, torch.device("cpu"))
@@ -59,15 +59,14 @@ def export(weights: Path, class_idx: Path, out: Path) -> tuple[list[str], int]:
                                         "temperature": str(calibration.temperature),
                                         "not_sure_below": str(calibration.not_sure_below),
                                         "source": f"{weights.name}, exported by export.py"})
-    nin.atomic_write(out, lambda f: f.write(graph.SerializeToString()))
-    return classes, image_size
+    return graph.SerializeToString(), classes, image_size
 
 
-def check(onnx_path: Path, weights: Path, class_idx: Path, images: list[Path], tolerance: float) -> str:
+def check(exported: bytes, weights: Path, class_idx: Path, images: list[Path], tolerance: float) -> str:
     """Compare the export with predict.py on the images and on drawn ones; a one-line report, or CLIError."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
     model, _, image_size, calibration = predict.load_model(weights, class_idx, torch.device("cpu"))
     try:
         photos = [nin.eval_tensor(path, image_size) for path in predict.expand(images)]
@@ -122,11 +121,13 @@ def main() -> None:
         import onnxscript  # noqa: F401
     except ImportError as error:
         raise nin.CLIError(f"{error.name} is not installed: pip install -r requirements-export.txt") from None
-    classes, image_size = export(args.weights, args.class_idx, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB): uint8 images [N, {image_size}, "
-          f"{image_size}, 3] in, probabilities of {', '.join(classes)} out")
-    if args.check:
-        print(f"check against predict.py: {check(args.out, args.weights, args.class_idx, args.check, args.tolerance)}")
+    exported, classes, image_size = export(args.weights, args.class_idx)
+    report = check(exported, args.weights, args.class_idx, args.check, args.tolerance) if args.check else None
+    nin.atomic_write(args.out, lambda f: f.write(exported))  # only an export that passed --check is written
+    print(f"wrote {args.out} ({len(exported) / 2**20:.1f} MiB): uint8 images [N, {image_size}, {image_size}, 3] in, "
+          f"probabilities of {', '.join(classes)} out")
+    if report:
+        print(f"check against predict.py: {report}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_an_export_that_disagrees_is_refused(trained, tmp_path, monkeypatch):
                                      str(ROOT / "test_img")])
     with pytest.raises(nin.CLIError, match=r"does not match predict\.py"):
         export.main()
+    assert not (tmp_path / "bad.onnx").exists()  # a refused export is not left where an app would pick it up
 
 
 def test_export_refuses_bad_flags(tmp_path):
