@@ -5,14 +5,13 @@ one bench/cv.py folder per budget, as a table and a plot.
     python bench/budgets.py runs/cv-time10 runs/cv-time30 runs/cv-time60 --save docs/accuracy_vs_time.png
 
 For each folder: the budget, the folds finished, the pooled last-epoch accuracy over their photos with its
-95 % interval, and the longest fold's train.py wall time (from process start to exit), which says whether
-every fold kept its budget.
+95 % interval, and the longest fold's train.py wall time (every piece of a cut and resumed fold counted, as
+bench/cv.py records it), which says whether every fold kept its budget.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -42,8 +41,7 @@ def budget_row(folder: Path) -> dict:
     budget = train.parse_args(settings["train_flags"]).time
     if budget is None:
         raise nin.CLIError(f"{folder}: its train.py flags have no --time ({' '.join(settings['train_flags'])})")
-    with open(folder / "folds.csv", newline="") as f:
-        folds = list(csv.DictReader(f))
+    folds = nin.load_csv(folder / "folds.csv")
     correct, photos = sum(int(r["last_correct"]) for r in folds), sum(int(r["photos"]) for r in folds)
     return {"budget": budget, "folds": f"{len(folds)} of {settings['folds']}", "correct": correct,
             "photos": photos, "interval": cv.wilson(correct, photos),

@@ -52,8 +52,9 @@ def main() -> None:
             except nin.UnreadableImage as error:
                 nin.warn(f"skipped {error}")
                 continue
-            square.save(args.out / name / (path.stem + ".jpg"), quality=args.quality)
-    size = sum(f.stat().st_size for f in args.out.rglob("*.jpg"))
+            jpeg_name = path.name if path.suffix.lower() in (".jpg", ".jpeg") else path.name + ".jpg"  # a.png, a.jpg
+            square.save(args.out / name / jpeg_name, quality=args.quality, format="JPEG")
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB")
 
 

@@ -13,6 +13,7 @@
 # 3. the tables and logs into OUT. Stops itself SECONDS (default 540) after it starts.
 set -u
 DATA=${1:?SQUARES_DIR}; OUT=${2:?OUT_DIR}; BUDGET=${3:-540}
+(( BUDGET >= 240 )) || { echo "SECONDS: at least 240 (a minute of --time, then the cross-validations)"; exit 2; }
 START=$SECONDS
 RUNS=runs/gpu
 mkdir -p "$OUT" "$RUNS"
@@ -29,12 +30,12 @@ nproc
 
 phase "python train.py --time 60s (default split of the squares)"
 T0=$SECONDS
-python3 split_data.py --source "$DATA" --out $RUNS/split > /dev/null 2>&1
+python3 split_data.py --source "$DATA" --out $RUNS/split > $RUNS/time60.log 2>&1
 timeout $(( $(left) - 15 )) python3 train.py --time 60s --data-dir $RUNS/split --out-dir $RUNS/time60 \
-  --weights $RUNS/time60/NiN.pth --class-idx $RUNS/time60/class_idx.json > $RUNS/time60.log 2>&1
+  --weights $RUNS/time60/NiN.pth --class-idx $RUNS/time60/class_idx.json >> $RUNS/time60.log 2>&1
 echo "exit $?, wall $((SECONDS - T0)) s (the split included)"
-tr '\r' '\n' < $RUNS/time60.log | grep -v 'batch/s' | grep -v '^epoch ' | tail -n 14
-cp $RUNS/time60/metrics.csv "$OUT/time60-metrics.csv" 2>/dev/null
+tr '\r' '\n' < $RUNS/time60.log | grep -v 'batch/s' | grep -v '^epoch ' | tail -n 20
+cp $RUNS/time60.log "$OUT/"; cp $RUNS/time60/metrics.csv "$OUT/time60-metrics.csv" 2>/dev/null
 
 phase "5-fold cross-validation: no label smoothing; and no label smoothing, mixup or CutMix"
 timeout $(( $(left) - 20 )) python3 bench/cv.py --source "$DATA" --folds 5 --parallel 5 --out $RUNS/cv-ls0 \
@@ -44,9 +45,9 @@ timeout $(( $(left) - 20 )) python3 bench/cv.py --source "$DATA" --folds 5 --par
 wait
 
 phase "results"
+rm -rf $RUNS/cv-*/fold-*/{data,NiN.pth,run/checkpoint.pth}  # OUT gets the tables, logs and pictures, not these
 for cv in cv-ls0 cv-plain; do
   echo "--- $cv"; tail -n 12 $RUNS/$cv.log
-  cp -r $RUNS/$cv "$OUT/$cv" 2>/dev/null
+  cp -r $RUNS/$cv $RUNS/$cv.log "$OUT/" 2>/dev/null
 done
-rm -rf "$OUT"/cv-*/fold-*/{data,NiN.pth,run/checkpoint.pth}  # keep OUT small: the tables, logs and pictures
 echo "done at t=$((SECONDS - START)) s"

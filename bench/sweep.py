@@ -29,8 +29,7 @@ import train
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", metavar="NAME=FLAGS", help="a name and train.py flags (may be empty)")
-    p.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2],
-                   help="comma-separated (default: 0,1,2)")
+    p.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="default: %(default)s")
     p.add_argument("--runs-dir", type=Path, default=nin.RUNS_DIR / "sweep", help="default: %(default)s")
@@ -95,6 +94,14 @@ def save_table(args: argparse.Namespace, runs: dict[str, list[dict]]) -> list[di
     if table:
         nin.save_csv(table, args.csv or args.runs_dir / "results.csv")
     return table
+
+
+def seed_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
 
 
 def main() -> None:

@@ -40,18 +40,36 @@ import train
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ (default: %(default)s)")
-    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--device", default=None, help="cuda, mps, cpu (default: cuda, else mps, else cpu)")
     p.add_argument("--image-size", type=int, default=nin.IMAGE_SIZE, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE, help="default: %(default)s")
     p.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="decoding threads / classic DataLoader workers (default: %(default)s)")
-    p.add_argument("--threads", type=lambda text: [int(n) for n in text.split(",")],
-                   default=sorted({1, torch.get_num_threads()}),
+    p.add_argument("--threads", type=counts, default=sorted({1, torch.get_num_threads()}),
                    help="thread counts to time the model-only step at, comma-separated (default: 1 and torch's "
                         "own, %(default)s)")
-    return p.parse_args()
+    args = p.parse_args()
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be at least 0")
+    if not nin.MIN_IMAGE_SIZE <= args.image_size <= nin.MAX_IMAGE_SIZE:
+        p.error(f"--image-size must be between {nin.MIN_IMAGE_SIZE} and {nin.MAX_IMAGE_SIZE}")
+    return args
+
+
+def counts(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]: positive whole numbers, comma-separated."""
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
+    if min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"each must be at least 1: {text!r}")
+    return numbers
 
 
 def sync(device: torch.device) -> None:

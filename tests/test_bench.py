@@ -7,10 +7,11 @@ import csv
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLOURS, TRAIN_FLAGS, assert_clean_error, make_dataset, run
+from conftest import COLOURS, TRAIN_FLAGS, assert_clean_error, draw, make_dataset, run
 
 import nin
 
@@ -111,7 +112,7 @@ def test_cross_validation_resumes_a_fold_cut_short(tmp_path):
 
 
 @pytest.mark.parametrize("flags,named", [(["--folds", "1"], "--folds"), (["--parallel", "0"], "--parallel"),
-                                         (["--", "--epochs", "0"], "--epochs"),
+                                         (["--", "--epochs", "0"], "train.py: error: --epochs"),  # whose flag it is
                                          (["--", "--data-dir", "x"], "--data-dir")])
 def test_cross_validation_refuses_bad_flags(tmp_path, flags, named):
     assert_clean_error(run("bench/cv.py", "--out", tmp_path / "cv", *flags, cwd=tmp_path, check=False), named)
@@ -168,13 +169,22 @@ def test_budgets_pool_each_cross_validation_and_plot_them_by_time(tmp_path):
     assert_clean_error(run("bench/budgets.py", tmp_path / "no-time", cwd=tmp_path, check=False), "no --time")
 
 
+@pytest.mark.parametrize("script, flags, named", [
+    ("bench/throughput.py", ["--steps", "0"], "--steps"), ("bench/throughput.py", ["--threads", "2,0"], "--threads"),
+    ("bench/throughput.py", ["--threads", "two"], "not comma-separated"),
+    ("bench/sweep.py", ["--seeds", "0,x", "a="], "not comma-separated")])
+def test_bench_scripts_refuse_bad_flags(tmp_path, script, flags, named):
+    assert_clean_error(run(script, *flags, cwd=tmp_path, check=False), named)
+
+
 def test_gpu_data_squares_every_photo_and_never_replaces_a_folder_it_did_not_write(tmp_path):
     source = make_dataset(tmp_path / "source", per_class=3)
+    draw(source / "red" / "000.png", COLOURS["red"], seed=9)  # the same name but for the format: its own square
     photos = sorted(p.relative_to(source) for p in source.rglob("*.jpg"))
     for _ in range(2):  # the second run replaces the first one's folder
         run("bench/gpu_data.py", source, tmp_path / "squares", "--side", "64", cwd=tmp_path)
     squares = sorted((tmp_path / "squares").rglob("*.jpg"))
-    assert [p.relative_to(tmp_path / "squares") for p in squares] == photos
+    assert [p.relative_to(tmp_path / "squares") for p in squares] == sorted([*photos, Path("red/000.png.jpg")])
     from PIL import Image
 
     side = nin.resize_size(64)  # the square train.py caches for --image-size 64
