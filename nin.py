@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import functools
 import glob
+import hashlib
 import inspect
 import json
 import os
@@ -269,6 +270,30 @@ def decode_images(paths: list[str | os.PathLike], to_tensor: ToTensor, image_siz
                          disable=None if progress else True))  # None: only on a terminal
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprints(paths: list[Path], workers: int) -> torch.Tensor:
+    """Each photo's fingerprint: the first 8 bytes of the SHA-256 of its bytes, as an int64 (what NiN.pth
+    lists its training photos by). A file that cannot be read, or is not a regular file (a pipe would block
+    the read), gets none: it is left out."""
+    def fingerprint(path: Path) -> int | None:
+        try:
+            return int.from_bytes(bytes.fromhex(sha256_of(path)[:16]), "big", signed=True) if path.is_file() else None
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        found = [f for f in pool.map(fingerprint, paths) if f is not None]
+    return torch.tensor(found, dtype=torch.int64)
+
+
 def save_class_names(classes: list[str], path: str | os.PathLike) -> None:
     """class_idx.json in the classic format: {"0": "daisy", "1": "dandelion", ...}."""
     save_json({str(i): name for i, name in enumerate(classes)}, path)
@@ -318,8 +343,9 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 
 
 def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike,
-                 calibration: Calibration | None = None) -> None:
-    """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model, and its calibration.
+                 calibration: Calibration | None = None, trained_on: torch.Tensor | None = None) -> None:
+    """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model, its calibration, and
+    the fingerprints of the photos it trained on (sorted; see load_trained_on).
 
     Floating-point tensors are stored as float16, which halves the file; load_weights puts them back into
     the float32 model, and the predictions barely move (see tests/test_nin.py). A tensor outside float16's
@@ -331,7 +357,17 @@ def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os
 
     state = {k: compact(v.detach().cpu()) for k, v in model.state_dict().items()}
     save_torch({"model": state, "config": model.config, "classes": classes, "image_size": image_size,
-                "calibration": dataclasses.asdict(calibration or Calibration())}, path)
+                "calibration": dataclasses.asdict(calibration or Calibration()), "trained_on": trained_on}, path)
+
+
+def load_trained_on(path: str | os.PathLike) -> torch.Tensor | None:
+    """The fingerprints of the photos a NiN.pth trained on (None for a file from before they were kept): scores
+    on those photos say little about new ones, and a temperature fitted on them would be wrong."""
+    stored = load_torch(path, "weights").get("trained_on")
+    if stored is not None and not (isinstance(stored, torch.Tensor) and stored.dtype == torch.int64
+                                   and stored.dim() == 1):
+        raise CLIError(f"{path}: its list of training photos is not one this code wrote")
+    return stored
 
 
 def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[NiN, list[str], int]:
@@ -512,9 +548,20 @@ def run_cli(main: Callable[[], None]) -> None:
     except OSError as error:  # a full disk, a read-only folder, ...: what the machine said, in one line
         print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except MemoryError:
-        print(f"{name}: error: out of memory", file=sys.stderr)
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError, so is the CPU's
+        if not out_of_memory(error):
+            raise
+        detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
+        print(f"{name}: error: out of memory ({detail}); a smaller batch or image size needs less", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an exception says memory ran out: on the GPU (torch.OutOfMemoryError), in the CPU's allocator
+    (a RuntimeError of its own wording) or in Python (MemoryError)."""
+    wording = str(error).lower()
+    return (isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))  # torch.OutOfMemoryError, before 2.5 too
+            or "out of memory" in wording or "can't allocate memory" in wording)
 
 
 def check_output_file(path: Path, flag: str) -> None:

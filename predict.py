@@ -8,10 +8,11 @@
     python predict.py --calibrate data/val               # fit probabilities and 'not sure' on held-out photos
 
 Figures are shown where there is a display, else only saved (--save). Several images also give a CSV with one row
-per image (--json prints every result instead, and draws no figure), and --eval its confusion matrix, its CSV and a
-gallery of the most confident mistakes, all in --out-dir. Probabilities are calibrated (a temperature fitted on
-held-out photos by --calibrate and stored in the weights); an answer whose top probability is below the stored
-threshold reads "not sure (best guess: ...)".
+per image (--json prints every result instead, and draws no figure of them), and --eval its confusion matrix, its
+CSV and a gallery of the most confident mistakes, all in --out-dir. Probabilities are calibrated (a temperature
+fitted on held-out photos by --calibrate and stored in the weights); an answer whose top probability is below the
+stored threshold reads "not sure (best guess: ...)". NiN.pth lists the photos it trained on (by content): a warning
+says when some of the images are among them, and --calibrate refuses them.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def parse_args() -> argparse.Namespace:
                         "threshold stored by --calibrate; 0: always answer)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the predictions of each image and its mirror image")
-    p.add_argument("--json", action="store_true", help="print the results as JSON, and draw no figure")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON, and draw no figure of the images (--eval still writes its "
+                        "figures into --out-dir)")
     p.add_argument("--save", type=Path, default=None, metavar="FILE",
                    help="save the figure (PNG, PDF, ...) instead of showing it")
     p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR / "predict",
@@ -76,6 +79,10 @@ def parse_args() -> argparse.Namespace:
         p.error("give image files or folders, or --eval DIR, or --calibrate SOURCE (one of them)")
     if args.images and args.json and (args.save or args.heatmap):
         p.error("--json draws no figure of the images: not with --save or --heatmap")
+    if args.save and not args.images:
+        p.error("--save names the figure of the images; --eval writes its figures into --out-dir")
+    if args.calibrate and args.not_sure is not None:
+        p.error("--calibrate fits the 'not sure' threshold itself: not with --not-sure")
     if args.not_sure is not None and not 0 <= args.not_sure < 1:
         p.error("--not-sure must be in [0, 1)")
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
@@ -150,6 +157,15 @@ def load_model(weights: Path, class_idx: Path, device: torch.device,
         raise nin.CLIError(f"{class_idx} does not match {weights}: it lists {nin.few(names)}, the weights were "
                            f"trained on {nin.few(classes)}")
     return model, classes, image_size, nin.load_calibration(weights)
+
+
+def photos_it_trained_on(weights: Path, paths: list[Path], workers: int) -> int:
+    """How many of these photos trained the weights: NiN.pth lists its training photos by content, so a copy
+    under another name or in another split counts too (0 for weights from before it kept that list)."""
+    trained_on = nin.load_trained_on(weights)
+    if trained_on is None or not paths:
+        return 0
+    return int(torch.isin(nin.fingerprints(paths, workers), trained_on).sum())
 
 
 # --------------------------------------------------------------------------------------------- inference
@@ -294,7 +310,12 @@ def show_or_save(fig: Figure, save: Path | None) -> None:
 
 def predict_images(model: nin.NiN, classes: list[str], image_size: int, calibration: nin.Calibration,
                    args: argparse.Namespace, device: torch.device) -> None:
-    results = run_batches(model, expand(args.images), image_size, args, device, calibration.temperature)
+    paths = expand(args.images)
+    if seen := photos_it_trained_on(args.weights, paths, args.workers):
+        nin.warn(f"{paths[0]} is a photo {args.weights} trained on: its answer says little about new photos"
+                 if len(paths) == 1 else f"{seen} of these {len(paths)} images are photos {args.weights} trained on: "
+                 f"its answers for them say little about new photos")
+    results = run_batches(model, paths, image_size, args, device, calibration.temperature)
     threshold = calibration.not_sure_below if args.not_sure is None else args.not_sure
     if args.json:
         print(json.dumps([{"image": str(r["path"]), "top": top_k(r["probs"], classes, args.top_k),
@@ -316,6 +337,9 @@ def predict_images(model: nin.NiN, classes: list[str], image_size: int, calibrat
 def evaluate_folder(model: nin.NiN, classes: list[str], image_size: int, calibration: nin.Calibration,
                     args: argparse.Namespace, device: torch.device) -> None:
     paths, labels = labelled_images(args.eval, classes)
+    if seen := photos_it_trained_on(args.weights, paths, args.workers):
+        nin.warn(f"{seen} of the {len(paths)} photos of {args.eval} trained {args.weights}: the scores below read "
+                 f"high (held-out photos, or bench/cv.py, give ones that hold for new photos)")
     label_of = dict(zip(paths, labels, strict=True))
     results = run_batches(model, paths, image_size, args, device, calibration.temperature)
     targets = torch.tensor([label_of[r["path"]] for r in results])
@@ -438,6 +462,10 @@ def held_out_logits(source: Path, model: nin.NiN, classes: list[str], image_size
     oof_predictions.csv (its log-probabilities: the softmax of log p is p, whatever the logits were)."""
     if source.is_dir():
         paths, labels = labelled_images(source, classes)
+        if seen := photos_it_trained_on(args.weights, paths, args.workers):
+            raise nin.CLIError(f"{seen} of the {len(paths)} photos of {source} trained {args.weights}: a temperature "
+                               f"fitted on them would be wrong; give photos it never saw, or bench/cv.py's "
+                               f"oof_predictions.csv")
         label_of = dict(zip(paths, labels, strict=True))
         results = run_batches(model, paths, image_size, args, device)
         return (torch.stack([r["map"].mean((1, 2)) for r in results]),

@@ -40,14 +40,6 @@ SEED = 0
 # --------------------------------------------------------------------------------------------- download
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(url: str, dest: Path) -> None:
     """Fetch url into dest with a progress bar, via a .part file so dest is only ever complete."""
     part = dest.with_name(dest.name + ".part")
@@ -69,7 +61,7 @@ def download(url: str, dest: Path) -> None:
 
 def verify_archive(archive: Path) -> None:
     """Refuse (and delete, if we downloaded it) an archive that is not the published one."""
-    if archive.stat().st_size != ARCHIVE_BYTES or sha256_of(archive) != ARCHIVE_SHA256:
+    if archive.stat().st_size != ARCHIVE_BYTES or nin.sha256_of(archive) != ARCHIVE_SHA256:
         raise nin.CLIError(f"{archive} is not the flower_photos archive (size or sha256 differs); "
                        f"delete it and run again")
 
@@ -172,7 +164,7 @@ def val_fraction(content_sha256: str, seed: int) -> float:
 def val_fractions(files: Iterable[Path], seed: int, workers: int) -> dict[Path, float | None]:
     """val_fraction of each file, or None for a file that is not a readable image."""
     def fraction(path: Path) -> float | None:
-        return val_fraction(sha256_of(path), seed) if is_usable_image(path) else None
+        return val_fraction(nin.sha256_of(path), seed) if is_usable_image(path) else None
 
     files = list(files)
     with ThreadPoolExecutor(workers) as pool:

@@ -1,7 +1,5 @@
 """Train NiN from scratch on data/train, validating on data/val.
 
-Read main() first: it is the recipe, and each step it takes is a function or a small class below it.
-
 Each photo is decoded once per run into an in-memory uint8 cache (kept on the training device, and saved
 under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip, then mixup or
 CutMix) is done per batch on that device. --no-cache streams from disk through DataLoader workers instead, for
@@ -12,6 +10,8 @@ epoch's confusion matrix and a checkpoint that --resume continues from. With a v
 
 Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains with DistributedDataParallel.
 """
+
+# Read main() first: it is the recipe, and each step it takes is a function or a small class below it.
 
 from __future__ import annotations
 
@@ -86,17 +86,20 @@ FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this oft
 
 def main() -> None:
     clock = Clock()
-    args, checkpoint = resume(parse_args())
+    args = parse_args()
+    given = explicit_flags(sys.argv[1:])  # the flags written on the command line, not left at their defaults
+    args, checkpoint = resume(args, given)
     run = start_run(args.device, args.amp)
     torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
     check_outputs(args)
     photos = find_photos(args.data_dir, run)
+    trained_on = training_fingerprints(photos[0], args.workers, run)  # NiN.pth lists them: predict.py knows them
     if checkpoint is not None and checkpoint["classes"] != photos[0].classes:
         raise nin.CLIError(f"the class folders changed since this run started ({nin.few(checkpoint['classes'])} -> "
                            f"{nin.few(photos[0].classes)}): start a new run instead of --resume")
     pace = None
     if args.time and checkpoint is None:  # --time: the recipe and the epochs that fit, from timed steps here
-        args, pace = plan_for_budget(args, explicit_flags(sys.argv[1:]), photos, clock, run)
+        args, pace = plan_for_budget(args, given, photos, clock, run)
     data = load_data(photos, args.data_dir, args.image_size, per_process_batch(args, run), args.workers,
                      args.no_cache, args.seed, run)
     learner = Learner(make_model(len(data.classes), args), args, data.steps, run)
@@ -112,7 +115,7 @@ def main() -> None:
     pace = pace or measure_pace(args, len(data.classes), data.steps, len(data.val[1]) if data.val else 0, run)
     clock.predict(pace, args, data.steps, progress.epoch, run)
     saver = Saver(args, data.classes, keep_last=args.keep == "last" or data.val is None,
-                  saved_epoch=progress.epoch, clock=clock, run=run)
+                  saved_epoch=progress.epoch, trained_on=trained_on, clock=clock, run=run)
     if checkpoint is not None:
         saver.resume(checkpoint, learner)
         set_rng_state(checkpoint.get("rng"), args.seed, progress.epoch, run)
@@ -143,9 +146,20 @@ def main() -> None:
 # --------------------------------------------------------------------------------------------- arguments
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's paragraphs and shows each flag's default, unless there is none to show
+    (a switch that is off, or a default the flag's own help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def arg_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: --epoch would slip past the check that --time and --epochs are not both given.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    # prog: bench/cv.py checks its train.py flags with this parser, and its errors must say whose flags they are.
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
@@ -253,9 +267,10 @@ def check_outputs(args: argparse.Namespace) -> None:
     nin.check_output_folder(args.out_dir, "--out-dir")
 
 
-def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict | None]:
     """With --resume: the run's own settings from its checkpoint (only --device and --workers are taken from
-    this command line), and the checkpoint itself. Without: the arguments as they are, and None."""
+    this command line), and the checkpoint itself. Without: the arguments as they are, and None. A flag given
+    with --resume (`given`) must repeat the run's setting: a changed one would be silently ignored."""
     if not args.resume:
         return args, None
     checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")
@@ -272,6 +287,14 @@ def resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
         if name != "data_dir" and path.is_relative_to(first_out_dir):
             path = args.out_dir / path.relative_to(first_out_dir)
         setattr(resumed, name, path)
+    for name in sorted(given - {"resume", *here}):
+        value, kept = getattr(args, name), getattr(resumed, name)
+        if (Path(value).resolve() != Path(kept).resolve()) if isinstance(kept, Path) else value != kept:
+            if name == "time":
+                value, kept = format_duration(value), kept and format_duration(kept)
+            raise nin.CLIError(f"--resume continues the run in {args.out_dir} with its own settings: "
+                               f"--{name.replace('_', '-')} {value} is not its {kept} (to change it, start a new "
+                               f"run in another --out-dir)")
     return resumed, checkpoint
 
 
@@ -386,6 +409,12 @@ def find_photos(data_dir: Path, run: Run) -> tuple[ImageFolder, ImageFolder | No
     if val_set is None:
         run.say(f"{val_dir} holds no photos: every labelled photo trains and there is nothing to validate on")
     return train_set, val_set
+
+
+def training_fingerprints(train_set: ImageFolder, workers: int, run: Run) -> torch.Tensor | None:
+    """What NiN.pth lists its training photos by (nin.fingerprints, sorted), so that predict.py can tell when
+    it is asked about them; from the first process, the one that writes NiN.pth."""
+    return nin.fingerprints([Path(p) for p, _ in train_set.samples], workers).unique() if run.main else None
 
 
 def load_data(photos: tuple[ImageFolder, ImageFolder | None], data_dir: Path, image_size: int, batch_size: int,
@@ -1122,8 +1151,9 @@ class Saver:
     so a kill between any two leaves files that a resumed run puts right."""
 
     def __init__(self, args: argparse.Namespace, classes: list[str], keep_last: bool, saved_epoch: int,
-                 clock: Clock, run: Run) -> None:
+                 trained_on: torch.Tensor | None, clock: Clock, run: Run) -> None:
         self.args, self.classes, self.keep_last, self.clock, self.run = args, classes, keep_last, clock, run
+        self.trained_on = trained_on
         self.checkpoint = args.out_dir / "checkpoint.pth"
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
         self.best: dict | None = None  # the best epoch's weights (--keep best), on the CPU
@@ -1171,7 +1201,7 @@ class Saver:
                 return
             model = copy.deepcopy(learner.final).cpu()
             model.load_state_dict(self.best)
-        nin.save_weights(model, self.classes, self.args.image_size, self.args.weights, calibration)
+        nin.save_weights(model, self.classes, self.args.image_size, self.args.weights, calibration, self.trained_on)
         nin.save_class_names(self.classes, self.args.class_idx)
 
 

@@ -205,6 +205,29 @@ def test_device_is_picked_or_refused_by_name(monkeypatch):
             nin.pick_device(name)
 
 
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "824633720832 bytes"), MemoryError()], ids=["gpu", "cpu", "python"])
+def test_running_out_of_memory_is_one_line(error, capsys):
+    def main() -> None:
+        raise error
+
+    with pytest.raises(SystemExit) as exited:
+        nin.run_cli(main)
+    message = capsys.readouterr().err
+    assert exited.value.code == 2 and "out of memory" in message and "smaller batch" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    """A bug must not be dressed up as the user's problem."""
+    def main() -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        nin.run_cli(main)
+
+
 def test_repo_paths_do_not_depend_on_the_working_folder():
     assert nin.ROOT == ROOT and nin.WEIGHTS_PATH.parent == ROOT and nin.DATA_DIR == ROOT / "data"
 

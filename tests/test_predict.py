@@ -202,6 +202,24 @@ def test_eval_text_report(trained, split_data_dir):
         assert any(line.startswith(name) for line in out.splitlines())
 
 
+def test_photos_the_weights_trained_on_are_told_apart(trained, split_data_dir, tmp_path):
+    """NiN.pth lists its training photos by content: scores on them warn, a temperature is not fitted on them,
+    a renamed copy is still recognised, and held-out photos raise nothing."""
+    training = sorted((split_data_dir / "train").glob("*/*.jpg"))
+    assert len(torch.load(trained["weights"], weights_only=True)["trained_on"]) == len(training)
+    renamed = tmp_path / "holiday.jpg"
+    shutil.copy(training[0], renamed)
+    assert f"{renamed} is a photo {trained['weights']} trained on" in predict(trained, renamed).stderr
+    on_training = predict(trained, "--eval", split_data_dir / "train").stderr
+    assert f"{len(training)} of the {len(training)} photos of" in on_training
+    assert "trained" not in predict(trained, "--eval", split_data_dir / "val").stderr
+    shutil.copy(trained["weights"], tmp_path / "w.pth")
+    refused = run("predict.py", "--calibrate", split_data_dir / "train", "--weights", tmp_path / "w.pth",
+                  "--class-idx", trained["class_idx"], cwd=tmp_path, check=False)
+    assert_clean_error(refused, "a temperature fitted on them would be wrong")
+    assert (tmp_path / "w.pth").read_bytes() == trained["weights"].read_bytes()
+
+
 def test_eval_of_a_folder_without_known_classes(trained, tmp_path):
     draw(tmp_path / "val" / "purple" / "p.jpg", (120, 0, 120), seed=3)
     assert_clean_error(predict(trained, "--eval", tmp_path / "val", check=False), "no images in folders")
@@ -255,6 +273,7 @@ def test_shipped_weights_classify_every_test_photo(tmp_path):
                  "--out-dir", tmp_path, cwd=tmp_path)
     predicted = {Path(r["image"]).name: r["top"][0]["class"] for r in json.loads(result.stdout)}
     assert predicted == SHIPPED_CLASSES
+    assert f"{len(SHIPPED_CLASSES)} of these {len(SHIPPED_CLASSES)} images are photos" in result.stderr  # it saw them
 
 
 def test_fuzzed_files_never_show_a_traceback(tmp_path):
@@ -340,6 +359,16 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
         result = run("predict.py", os.fsdecode(name), *flags, "--weights", trained["weights"], "--class-idx",
                      trained["class_idx"], cwd=tmp_path, process=True)
         assert "fleur-\\udce9t\\udce9.jpg" in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval", "val", "--save", "e.png"], "--save names the figure of the images"),
+    (["--calibrate", "val", "--not-sure", "0.5"], "fits the 'not sure' threshold itself"),
+    (["x.jpg", "--json", "--heatmap"], "--json draws no figure")],
+    ids=["eval-save", "calibrate-not-sure", "json-heatmap"])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, flags, message):
+    result = run("predict.py", *flags, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("problem", ["unknown format", "a folder", "inside a file"])

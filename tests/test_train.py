@@ -83,8 +83,11 @@ def test_training_on_every_photo_without_val(tmp_path):
     predicted = run("predict.py", photo, "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json",
                     "--save", tmp_path / "p.png", cwd=tmp_path)
     assert predicted.stdout.startswith(f"{photo}: ")
-    resumed = run("train.py", "--resume", "--out-dir", tmp_path / "run", "--epochs", "3", cwd=tmp_path)
+    resumed = run("train.py", "--resume", "--out-dir", tmp_path / "run", "--epochs", "2", cwd=tmp_path)
     assert "after epoch 2\n" in resumed.stdout and "best val acc" not in resumed.stdout  # no val: no best to quote
+    extended = run("train.py", "--resume", "--out-dir", tmp_path / "run", "--epochs", "3", cwd=tmp_path, check=False)
+    assert extended.returncode != 0 and "--epochs 3 is not its 2" in extended.stderr  # not silently ignored
+    assert "Traceback" not in extended.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
@@ -343,7 +346,10 @@ def test_help_documents_every_flag(tmp_path):
     """Every flag of the parser has a help text, and --help shows it beside the flag with its default."""
     import train
 
-    out = " ".join(run("train.py", "--help", cwd=tmp_path).stdout.split())  # argparse wraps lines anywhere
+    text = run("train.py", "--help", cwd=tmp_path).stdout
+    assert "\n\nUnder torchrun" in text  # the description keeps its paragraphs
+    out = " ".join(text.split())  # argparse wraps lines anywhere
+    assert "(default: 120)" in out and "(default: None)" not in out and "(default: False)" not in out
     flags = [action for action in train.arg_parser()._actions if action.option_strings != ["-h", "--help"]]
     assert len(flags) >= 30
     for action in flags:
