@@ -108,7 +108,7 @@ def main() -> None:
         learner.load_state_dict(checkpoint)
         progress = Progress.from_checkpoint(checkpoint, args)
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
-        if args.time and clock.spent_before >= args.time:
+        if args.time and clock.spent_before >= args.time and progress.epoch < args.epochs:
             raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: nothing more to train")
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
@@ -983,7 +983,8 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         candidate, pace = next((c, p) for n, c, p, *_ in plans if n == name)
         fitted = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
     fitted.plan_epochs = fitted.epochs
-    run.say(f"--time {format_duration(args.time)}: the {name} recipe, {fitted.epochs} epochs at "
+    run.say(f"--time {format_duration(args.time)}: the {name} recipe, {fitted.epochs} "
+            f"epoch{'' if fitted.epochs == 1 else 's'} at "
             f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
             + ("every epoch" if fitted.val_every == 1 else f"every {fitted.val_every} epochs and the last "
                f"{VAL_LAST_EPOCHS}") + f" (about {format_duration(decoding)} to decode first)")
