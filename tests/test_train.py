@@ -565,7 +565,11 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     assert saved["args"]["plan_epochs"] == planned  # what a later re-plan may grow back to
     assert "stopping after" not in resumed.stdout and rows[-1]["size"] == "80" and rows[-1]["val_acc"] != ""
 
-    saved["epoch"], saved["history"], saved["seconds_spent"] = 1, saved["history"][:1], 40.0  # cut, time spent
+    saved["seconds_spent"] = 40.0  # finished, with all its time spent: nothing to train, and nothing wrong
+    torch.save(saved, tmp_path / "run" / "checkpoint.pth")
+    run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path)
+    assert nin.load_csv(tmp_path / "run" / "metrics.csv") == rows
+    saved["epoch"], saved["history"] = 1, saved["history"][:1]  # cut after epoch 1 instead, its time spent
     torch.save(saved, tmp_path / "run" / "checkpoint.pth")
     spent = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
     assert_clean_error(spent, "--time 40 s is spent")
