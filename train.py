@@ -863,10 +863,11 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 # route): smaller images, more steps of a smaller batch, no mixing, stronger label smoothing and weight decay.
 SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
                 "label_smoothing": 0.2, "weight_decay": 1e-3}
-# A budget that fits fewer epochs of the default recipe than this gets the short recipe: mixup and CutMix only
-# pay in long runs (bench/RESULTS.md, sweeps B and C: at 60 epochs they did not help, at 90 and 120 they were
-# part of the best recipes). Not 60: a common budget on a common machine (30 minutes, two CPU cores) sat on
-# that edge, and noise in the timed steps flipped its choice of recipe from one run to the next (RESULTS.md).
+# A budget that fits this many epochs of the default recipe gets it even while the short recipe would not fit
+# all of its own epochs (on a GPU, where small images save less time): mixup and CutMix pay in long runs
+# (bench/RESULTS.md, sweeps B and C). Below it, the default recipe still gets the budget once the short
+# recipe's whole run fits with time to spare: the spare time would go unused, and cross-validated on two CPU
+# cores, 30 minutes of the default recipe scored as well as the short recipe's whole run and calibrated better.
 MIN_DEFAULT_EPOCHS = 90
 PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs saving, drawing and noise
 VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
@@ -955,9 +956,9 @@ def timed(work: Callable[[], object], run: Run) -> float:
 def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[ImageFolder, ImageFolder | None],
                     clock: Clock, run: Run) -> tuple[argparse.Namespace, Pace]:
     """The settings that fill --time here: the default recipe with as many epochs as fit (at most its own),
-    or, when fewer than MIN_DEFAULT_EPOCHS of it fit, the short recipe with as many epochs as fit. Flags
-    given on the command line are kept in both. Decoding is estimated from a sample of photos. Under
-    torchrun every process measures both recipes and the first one's choice is everyone's."""
+    or, while neither MIN_DEFAULT_EPOCHS of it nor all the short recipe's epochs fit, the short recipe with as
+    many epochs as fit. Flags given on the command line are kept in both. Decoding is estimated from a sample
+    of photos. Under torchrun every process measures both recipes and the first one's choice is everyone's."""
     train_set, val_set = photos
     num_classes, val_photos = len(train_set.classes), len(val_set or [])
     short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
@@ -970,7 +971,9 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         available = PLAN_SHARE * args.time - clock.spent() - decoding
         plans.append((name, candidate, pace, steps, decoding,
                       fit_epochs(candidate, pace, steps, available, args.time)))
-    default_fits = plans[0][-1] is not None and plans[0][-1].epochs >= MIN_DEFAULT_EPOCHS
+    default_plan, short_plan = plans[0][-1], plans[1][-1]
+    default_fits = default_plan is not None and (default_plan.epochs >= MIN_DEFAULT_EPOCHS
+                                                 or (short_plan is not None and short_plan.epochs == EPOCHS))
     name, candidate, pace, steps, decoding, fitted = plans[0 if default_fits else 1]
     if fitted is None:
         one_epoch = steps * min(pace.step.values()) + pace.val

@@ -501,11 +501,21 @@ def test_a_plan_fills_its_budget_and_validates_less_when_validation_is_dear():
     assert train.fit_epochs(args, pace, steps, available=5.0, budget=5.0) is None  # not even one epoch
 
 
-@pytest.mark.parametrize("step,recipe", [(0.01, "default"), (20.0, "short")])
-def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, step, recipe):
+def short_sizes_cheap_pace():
+    """Small images cost little and large ones much (as on a CPU): 120 epochs of the short recipe fit in 10
+    minutes with time to spare, and fewer than MIN_DEFAULT_EPOCHS of the default recipe."""
     import train
 
-    monkeypatch.setattr(train, "measure_pace", lambda args, *rest: synthetic_pace(step, val=0.1))
+    return train.Pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 10.0, 144: 10.0, 160: 10.0}, val=0.1)
+
+
+@pytest.mark.parametrize("pace,recipe", [(lambda: synthetic_pace(0.01, val=0.1), "default"),
+                                         (lambda: synthetic_pace(20.0, val=0.1), "short"),
+                                         (short_sizes_cheap_pace, "default, fewer epochs")])
+def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, pace, recipe):
+    import train
+
+    monkeypatch.setattr(train, "measure_pace", lambda args, *rest: pace())
     monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
     run_ = train.Run(torch.device("cpu"), 0, 1, torch.autocast("cpu", enabled=False),
                      torch.amp.GradScaler("cpu", enabled=False))
@@ -516,9 +526,12 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     if recipe == "default":  # 120 epochs of 2 steps at 0.01 s fit in 10 minutes
         assert (args.epochs, args.image_size, args.mixup, args.batch_size) == (train.EPOCHS, nin.IMAGE_SIZE,
                                                                                train.MIXUP, train.BATCH_SIZE)
-    else:  # 20 s a step: too few epochs of the default recipe, so the short one, with what fits of it
+    elif recipe == "short":  # 20 s a step: too few epochs of either recipe, so the short one, with what fits of it
         assert all(getattr(args, name) == value for name, value in train.SHORT_RECIPE.items() if name != "weight_decay")
         assert args.epochs < train.EPOCHS
+    else:  # the short recipe's whole run would leave time unused: the default recipe, with what fits of it
+        assert (args.image_size, args.mixup, args.batch_size) == (nin.IMAGE_SIZE, train.MIXUP, train.BATCH_SIZE)
+        assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS
 
 
 def predicted_seconds(stdout: str) -> float:
