@@ -279,18 +279,28 @@ def suspects(rows: list[dict]) -> list[dict]:
              "probability": round(float(r[f"p_{r['predicted']}"]), 4), "fold": r["fold"]} for r in wrong[:SUSPECTS]]
 
 
-def suspect_gallery(chosen: list[dict], out: Path, source: Path, workers: int, device: torch.device) -> None:
-    """The suspects as thumbnails with their predicted class's map, each scored again by its own fold's model."""
+def suspect_gallery(chosen: list[dict], out: Path, source: Path, workers: int, device: torch.device) -> bool:
+    """The suspects as thumbnails with their predicted class's map, each scored again by its own fold's model.
+    A fold whose weights are gone (deleted for space, or its predictions carried to another machine) is left out
+    of the picture with a warning: the pooled figures need only its predictions. False if nothing was drawn."""
     suspect_of = {source / s["photo"]: s for s in chosen}
-    results = []
+    results, classes = [], []
     for fold in sorted({s["fold"] for s in chosen}):
+        weights = fold_dir(out, fold) / "NiN.pth"
+        if not weights.is_file():
+            nin.warn(f"fold {fold}'s weights are gone ({weights}): its suspects are in suspect_labels.csv, "
+                     f"not drawn")
+            continue
         paths = [path for path, s in suspect_of.items() if s["fold"] == fold]
-        classes, scored = classified(fold_dir(out, fold) / "NiN.pth", paths, workers, device)
+        classes, scored = classified(weights, paths, workers, device)
         results += [{**r, "suspect": suspect_of[r["path"]]} for r in scored]
+    if not results:
+        return False
     results.sort(key=lambda r: chosen.index(r["suspect"]))
     titles = [f"{r['suspect']['photo']}\nfolder {r['suspect']['folder']}, model says\n"
               f"{r['suspect']['predicted']} {r['suspect']['probability']:.0%}" for r in results]
     nin.save_figure(predict.grid_figure(results, classes, heatmap=True, titles=titles), out / "suspect_labels.png")
+    return True
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -346,13 +356,13 @@ def main() -> None:
     figures = save_figures(rows, class_names, calibration, args.out)
     nin.save_csv([{k: v for k, v in r.items() if k not in ("classes", "best_confusion")} for r in done],
              args.out / "folds.csv")
-    chosen = suspects(rows)
+    chosen, drawn = suspects(rows), False
     if chosen:
         nin.save_csv(chosen, args.out / "suspect_labels.csv")
-        suspect_gallery(chosen, args.out, source, args.workers, device)
+        drawn = suspect_gallery(chosen, args.out, source, args.workers, device)
     print(table)
     print(f"wrote {args.out}: cv.md, folds.csv, oof_predictions.csv, {', '.join(figures)}" +
-          (", suspect_labels.csv and .png" if chosen else ""))
+          (", suspect_labels.csv" if chosen else "") + (" and .png" if drawn else ""))
     if len(done) < args.folds:
         raise nin.CLIError(f"{args.folds - len(done)} fold(s) failed: run the same command again to resume them")
 

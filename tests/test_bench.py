@@ -87,6 +87,13 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
     assert "training" not in again.stdout
     assert again.stdout.split("# Cross")[1] == first.stdout.split("# Cross")[1]
     assert [(tmp_path / "cv" / f"fold-{i}" / "NiN.pth").stat().st_mtime_ns for i in (0, 1)] == trained_at
+    # A fold's predictions are all the pooled figures need: without its weights (deleted for space, or the fold
+    # carried to another machine) the same tables come out, and only its suspects go undrawn, with a warning.
+    (tmp_path / "cv" / "fold-0" / "NiN.pth").unlink()
+    table = (tmp_path / "cv" / "cv.md").read_text()
+    without = run("bench/cv.py", *args, cwd=tmp_path)
+    assert "training" not in without.stdout and (tmp_path / "cv" / "cv.md").read_text() == table
+    assert ("fold 0's weights are gone" in without.stderr) == any(s["fold"] == "0" for s in suspects)
 
 
 def test_cross_validation_resumes_a_fold_cut_short(tmp_path):
