@@ -112,8 +112,11 @@ def main() -> None:
             raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: nothing more to train")
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
-    pace = pace or measure_pace(args, len(data.classes), data.steps, len(data.val[1]) if data.val else 0, run)
-    clock.predict(pace, args, data.steps, progress.epoch, run)
+    if progress.epoch >= args.epochs:  # resumed after its last epoch: the saver only puts NiN.pth right
+        run.say(f"this run had finished its {args.epochs} epochs: nothing more to train")
+    else:
+        pace = pace or measure_pace(args, len(data.classes), data.steps, len(data.val[1]) if data.val else 0, run)
+        clock.predict(pace, args, data.steps, progress.epoch, run)
     saver = Saver(args, data.classes, keep_last=args.keep == "last" or data.val is None,
                   saved_epoch=progress.epoch, trained_on=trained_on, clock=clock, run=run)
     if checkpoint is not None:
@@ -1093,6 +1096,8 @@ class Clock:
     def report(self, args: argparse.Namespace) -> str:
         spent = self.spent()
         limit = "" if args.time is None else f"; --time {format_duration(args.time)}"
+        if not self.predicted:  # a finished run resumed predicts nothing
+            return f"took {format_duration(spent)}{limit}"
         return (f"took {format_duration(spent)}, predicted {format_duration(self.predicted)} "
                 f"({100 * (spent / self.predicted - 1):+.0f} %){limit}")
 

@@ -123,6 +123,10 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
     assert f"after epoch {saved}" in resumed.stdout
     assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 6
+    again = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)  # finished: no timed steps, no plan
+    assert "finished its 6 epochs: nothing more to train" in again.stdout and "should take" not in again.stdout
+    assert len(nin.load_csv(out / "metrics.csv")) == 6
+    nin.load_weights(weights)
 
 
 def test_unreadable_training_photos_are_skipped_with_a_warning(tmp_path, split_data_dir):
