@@ -264,13 +264,13 @@ def test_val_ratio_0_puts_every_photo_in_train(source, tmp_path):
     assert "every photo trains" in out
 
 
-def test_wrong_archive_is_refused_and_nothing_extracted(tmp_path):
+def test_wrong_archive_is_refused_and_nothing_extracted(tmp_path, monkeypatch):
     fake = tmp_path / "flower_photos.tgz"
     with tarfile.open(fake, "w:gz") as tar:
         tar.add(make_dataset(tmp_path / "flower_photos", per_class=2), arcname="flower_photos")
     out = tmp_path / "data"
-    if split_data.DEFAULT_SOURCE.is_dir():  # a real copy is already in data/: --archive would not be needed
-        pytest.skip("data/flower_photos exists in this checkout")
+    # The default source in data/ of a checkout that already holds the real photos would be used instead
+    monkeypatch.setattr(nin, "DATA_DIR", out)
     result = run("split_data.py", "--archive", fake, "--out", out, cwd=tmp_path, check=False)
     assert_clean_error(result, "not the flower_photos archive")
     assert not out.exists() or not list(out.glob("*/*/*"))
@@ -284,20 +284,21 @@ def tar_with(member: tarfile.TarInfo, payload: bytes = b"x") -> Path:
     return buffer
 
 
-@pytest.mark.parametrize("name,kind,target", [("../escape.txt", tarfile.REGTYPE, ""),
-                                              ("/tmp/absolute.txt", tarfile.REGTYPE, ""),
+@pytest.mark.parametrize("name,kind,target", [("../{unique}.txt", tarfile.REGTYPE, ""),
+                                              ("/tmp/{unique}.txt", tarfile.REGTYPE, ""),
                                               ("flower_photos/link", tarfile.SYMTYPE, "/etc/passwd"),
                                               ("flower_photos/dev", tarfile.CHRTYPE, "")])
 def test_extraction_never_writes_outside_its_folder(tmp_path, name, kind, target):
-    member = tarfile.TarInfo(name)
+    unique = f"escape-{tmp_path.name}-{os.getpid()}"  # a name no other file has, in /tmp or anywhere
+    member = tarfile.TarInfo(name.format(unique=unique))
     member.type, member.linkname = kind, target
     archive = tmp_path / "evil.tar"
     archive.write_bytes(tar_with(member).getvalue())
     (tmp_path / "data").mkdir()
     with pytest.raises(CLIError):
         split_data.extract(archive, tmp_path / "data" / "flower_photos")
-    assert not (tmp_path / "escape.txt").exists()
-    assert not (tmp_path / "data" / "flower_photos").exists()
+    assert list((tmp_path / "data").iterdir()) == []  # no flower_photos, no temporary folder, nothing beside
+    assert not list(tmp_path.rglob(f"{unique}*")) and not Path(f"/tmp/{unique}.txt").exists()
 
 
 def test_a_chain_of_links_cannot_lead_out_of_the_folder(tmp_path):

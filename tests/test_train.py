@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -59,10 +60,25 @@ def test_keep_last_saves_the_last_epoch_weights(split_data_dir, tmp_path):
         "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json", "--out-dir", tmp_path / "run",
         cwd=tmp_path)
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
-    assert checkpoint["epoch"] == 3
+    assert checkpoint["epoch"] == 3 and checkpoint["best_model"] is None  # --keep best would keep a copy
     assert same_weights(tmp_path / "NiN.pth", checkpoint["model"])
     first_epoch = {k: torch.zeros_like(v) for k, v in checkpoint["model"].items() if k.endswith("running_mean")}
     assert not same_weights(tmp_path / "NiN.pth", first_epoch)  # the comparison can fail
+
+
+def test_a_full_disk_is_one_line_and_the_files_before_stay_whole(split_data_dir, tmp_path, monkeypatch):
+    flags = [*TRAIN_FLAGS, "--epochs", "1", "--data-dir", split_data_dir, "--out-dir", tmp_path / "run",
+             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
+    run("train.py", *flags, cwd=tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # every file the scripts write is flushed through it
+    result = run("train.py", *flags, "--out-dir", tmp_path / "run2", cwd=tmp_path, check=False)
+    assert_clean_error(result, "No space left on device")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # and no temporaries
 
 
 def test_training_on_every_photo_without_val(tmp_path):
@@ -342,7 +358,8 @@ def test_half_swapped_split_is_refused(tmp_path, split_data_dir):
                                         ("--device", "cuda:99"), ("--lr", "inf"), ("--lr", "nan"),
                                         ("--momentum", "-1"), ("--momentum", "1"), ("--warmup-epochs", "inf"),
                                         ("--seed", str(2**70)), ("--head-width", "1000000"),
-                                        ("--image-size", "100000"), ("--weight-decay", "nan"), ("--cutmix", "inf")])
+                                        ("--image-size", "100000"), ("--weight-decay", "nan"), ("--cutmix", "inf"),
+                                        ("--label-smoothing", "1")])
 def test_nonsense_flags_are_refused(tmp_path, flag, value):
     assert_clean_error(run("train.py", flag, value, cwd=tmp_path, check=False), flag)
 
@@ -599,9 +616,10 @@ def cpu_run():
                      torch.amp.GradScaler("cpu", enabled=False))
 
 
-def test_a_plan_shrinks_while_the_machine_runs_slower_than_measured_and_grows_back_after():
+def test_a_plan_shrinks_while_the_machine_runs_slower_than_measured_and_grows_back_after(monkeypatch):
     import train
 
+    monkeypatch.setattr(train.time, "monotonic", lambda: 0.0)  # a clock's time is exactly its spent_before
     args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
     args.epochs = args.plan_epochs = 40
     pace, steps = synthetic_pace(step=0.1, val=0.1), 10  # 1 s a 160-px epoch
@@ -650,6 +668,34 @@ def test_a_resumed_plan_that_had_shrunk_measures_all_its_sizes_and_grows_back(mo
     resumed = train.Clock()
     resumed.spent_before = 50.0  # 50 s left: the 38 epochs after epoch 2, at 0.55 s each, fit
     assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 40
+
+
+def test_the_batch_is_split_across_processes_unless_per_process():
+    import dataclasses
+
+    import train
+
+    two = dataclasses.replace(cpu_run(), world=2)
+    assert train.per_process_batch(train.parse_args(["--batch-size", "64"]), two) == 32
+    assert train.per_process_batch(train.parse_args(["--batch-size", "64", "--per-process-batch"]), two) == 64
+    with pytest.raises(nin.CLIError, match="fewer than 2 images per process"):
+        train.per_process_batch(train.parse_args(["--batch-size", "3"]), two)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_label_smoothing_reaches_the_loss(smoothing):
+    import train
+
+    args = train.parse_args(["--label-smoothing", str(smoothing), "--image-size", "64", "--mixup", "0",
+                             "--cutmix", "0"])
+    learner = train.Learner(train.make_model(3, args), args, steps_per_epoch=1, run=cpu_run())
+    labels = torch.tensor([0, 1, 2, 0])
+    loss, logits = learner.step(torch.randint(0, 256, (4, 3, 80, 80), dtype=torch.uint8), labels, 64)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels,
+                                                                          label_smoothing=smoothing).item(), rel=1e-4)
+    other = 0.3 - smoothing  # the loss the other setting would give differs: the flag is what decides it
+    assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(logits, labels,
+                                                                          label_smoothing=other).item(), rel=1e-4)
 
 
 def test_a_rescheduled_run_still_anneals_to_zero_at_its_new_end():
