@@ -1044,7 +1044,8 @@ class Clock:
     the prediction made before the first epoch, and the --time limit."""
 
     def __init__(self) -> None:
-        self.started, self.spent_before, self.predicted = time.monotonic(), 0.0, 0.0
+        self.started, self.spent_before = time.monotonic(), 0.0
+        self.predicted: float | None = None  # stays None when a finished run is resumed
         self.slowness: list[float] = []  # each epoch's training time over the measured pace's
 
     def spent(self) -> float:
@@ -1096,7 +1097,7 @@ class Clock:
     def report(self, args: argparse.Namespace) -> str:
         spent = self.spent()
         limit = "" if args.time is None else f"; --time {format_duration(args.time)}"
-        if not self.predicted:  # a finished run resumed predicts nothing
+        if self.predicted is None:
             return f"took {format_duration(spent)}{limit}"
         return (f"took {format_duration(spent)}, predicted {format_duration(self.predicted)} "
                 f"({100 * (spent / self.predicted - 1):+.0f} %){limit}")

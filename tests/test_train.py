@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import re
@@ -76,7 +77,7 @@ def test_a_full_disk_is_one_line_and_the_files_before_stay_whole(split_data_dir,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", disk_full)  # every file the scripts write is flushed through it
-    result = run("train.py", *flags, "--out-dir", tmp_path / "run2", cwd=tmp_path, check=False)
+    result = run("train.py", *flags, cwd=tmp_path, check=False)  # a new run over the old one's files
     assert_clean_error(result, "No space left on device")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # and no temporaries
 
@@ -139,10 +140,12 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
     assert f"after epoch {saved}" in resumed.stdout
     assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 6
-    again = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)  # finished: no timed steps, no plan
+    weights.unlink()  # as if lost after the checkpoint was written: a finished run resumed puts it back
+    again = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)  # no timed steps, no plan
     assert "finished its 6 epochs: nothing more to train" in again.stdout and "should take" not in again.stdout
+    assert re.search(r"^took [^,]+$", again.stdout, re.MULTILINE)  # with no prediction to compare
     assert len(nin.load_csv(out / "metrics.csv")) == 6
-    nin.load_weights(weights)
+    assert same_weights(weights, torch.load(out / "checkpoint.pth", weights_only=True)["best_model"])
 
 
 def test_unreadable_training_photos_are_skipped_with_a_warning(tmp_path, split_data_dir):
@@ -619,7 +622,7 @@ def cpu_run():
 def test_a_plan_shrinks_while_the_machine_runs_slower_than_measured_and_grows_back_after(monkeypatch):
     import train
 
-    monkeypatch.setattr(train.time, "monotonic", lambda: 0.0)  # a clock's time is exactly its spent_before
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
     args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
     args.epochs = args.plan_epochs = 40
     pace, steps = synthetic_pace(step=0.1, val=0.1), 10  # 1 s a 160-px epoch
@@ -671,8 +674,6 @@ def test_a_resumed_plan_that_had_shrunk_measures_all_its_sizes_and_grows_back(mo
 
 
 def test_the_batch_is_split_across_processes_unless_per_process():
-    import dataclasses
-
     import train
 
     two = dataclasses.replace(cpu_run(), world=2)
