@@ -174,6 +174,8 @@ def test_class_maps_are_what_the_logits_pool_and_tta_averages_the_mirror(trained
 
 
 def test_eval_reports_numbers_that_match_its_csv(trained, split_data_dir, tmp_path):
+    import predict as predict_module
+
     val = tmp_path / "val"
     shutil.copytree(split_data_dir / "val", val)
     draw(val / "purple" / "p.jpg", (120, 0, 120), seed=3)  # a class the weights do not know
@@ -193,8 +195,6 @@ def test_eval_reports_numbers_that_match_its_csv(trained, split_data_dir, tmp_pa
     for r in rows:
         cm[classes.index(r["true"])][classes.index(r["predicted"])] += 1
     assert report["confusion_matrix"] == cm
-    import predict as predict_module
-
     wrong = sorted((r for r in rows if r["correct"] == "0"), key=lambda r: -float(r["probability"]))
     assert len({r["probability"] for r in wrong}) >= 2  # the red photos in blue/: an order to get right
     shown = wrong[:predict_module.MISTAKES_SHOWN]
