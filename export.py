@@ -103,7 +103,7 @@ def median_ms(work: Callable[[], object], runs: int = 21) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=nin.WEIGHTS_PATH, help="trained weights (default: %(default)s)")
     p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH, help="class map (default: %(default)s)")
     p.add_argument("--out", type=Path, default=nin.ROOT / "NiN.onnx", help="the ONNX file (default: %(default)s)")

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from PIL import Image, ImageOps
@@ -169,10 +169,14 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path.name)
 
 
+def is_photo_in(folder: Path, path: str | os.PathLike) -> bool:
+    """An image by its name under folder, and in no hidden folder of it (.ipynb_checkpoints, ...)."""
+    return is_image_name(path) and not any(is_hidden(part) for part in Path(path).relative_to(folder).parts)
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The files named like images under folder, sorted; none from hidden folders (.ipynb_checkpoints, ...)."""
-    return sorted(f for f in folder.rglob("*") if not f.is_dir() and is_image_name(f)
-                  and not any(is_hidden(part) for part in f.relative_to(folder).parts))
+    """The photos under folder (is_photo_in), sorted."""
+    return sorted(f for f in folder.rglob("*") if not f.is_dir() and is_photo_in(folder, f))
 
 
 class UnreadableImage(ValueError):
@@ -528,6 +532,14 @@ class CLIError(Exception):
     """A problem with the user's input or files: reported in one line, exit code 2, no traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, like CLIError's: the usage of a script with twenty flags would
+    bury the line that matters, and --help shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main(), turning CLIError into a one-line message and exit code 2 (argparse's)."""
     name = Path(sys.argv[0]).name
@@ -703,7 +715,7 @@ def save_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-classes", type=int, default=5, help="number of classes (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input side (default: %(default)s)")
     parser.add_argument("--faithful", action="store_true", help="the classic NiN: no batch norm, dropout 0.5")

@@ -42,7 +42,7 @@ FILE_ONLY_BACKENDS = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", type=Path, help="image files or folders of images")
     p.add_argument("--eval", type=Path, default=None, metavar="DIR",
                    help="evaluate on a labelled folder (DIR/<class>/<image>), e.g. data/val")
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     if args.save is not None and args.save.suffix.lower().lstrip(".") not in figure_formats():
         p.error(f"--save {args.save}: not a figure format matplotlib writes ({', '.join(sorted(figure_formats()))})")
     if sum(map(bool, (args.images, args.eval, args.calibrate))) != 1:
-        p.error("give image files or folders, or --eval DIR, or --calibrate SOURCE (one of them)")
+        p.error("give one of: image files or folders, --eval DIR, --calibrate SOURCE")
     if args.images and args.json and (args.save or args.heatmap):
         p.error("--json draws no figure of the images: not with --save or --heatmap")
     if args.save and not args.images:

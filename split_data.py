@@ -329,7 +329,7 @@ def check_readable(source: Path, classes: dict[str, list[Path]], fractions: dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=None,
                    help=f"folder of per-class image folders (default: {DEFAULT_SOURCE}, downloaded if missing)")
     p.add_argument("--archive", type=Path, default=None,

@@ -19,6 +19,7 @@ import argparse
 import atexit
 import contextlib
 import copy
+import functools
 import gc
 import hashlib
 import itertools
@@ -162,7 +163,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def arg_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: --epoch would slip past the check that --time and --epochs are not both given.
     # prog: bench/cv.py checks its train.py flags with this parser, and its errors must say whose flags they are.
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter,
+    p = nin.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
@@ -462,7 +463,8 @@ def find_images(split_dir: Path) -> ImageFolder:
     if not split_dir.is_dir():
         raise nin.CLIError(f"{split_dir} not found: run `python split_data.py` first")
     try:
-        return PhotoFolder(split_dir, is_valid_file=nin.is_image_name)  # what split_data.py and predict.py use
+        # What split_data.py and predict.py count as photos: ImageFolder also walks hidden subfolders.
+        return PhotoFolder(split_dir, is_valid_file=functools.partial(nin.is_photo_in, split_dir))
     except OSError as error:  # no class folders, an empty class, a folder we may not read
         raise nin.CLIError(f"{split_dir}: {error}") from None
 

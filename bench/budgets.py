@@ -24,7 +24,7 @@ import train
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", type=Path, help="bench/cv.py --out folders of train.py --time runs")
     p.add_argument("--save", type=Path, default=nin.RUNS_DIR / "accuracy_vs_time.png",
                    help="where the plot goes (default: %(default)s)")

@@ -28,7 +28,7 @@ MARK = ".written-by-gpu_data"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path, help="folder of per-class image folders")
     p.add_argument("out", type=Path, help="where the copy goes (replaced)")
     p.add_argument("--side", type=int, default=nin.IMAGE_SIZE,

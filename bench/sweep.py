@@ -27,7 +27,7 @@ import train
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", metavar="NAME=FLAGS", help="a name and train.py flags (may be empty)")
     p.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: %(default)s)")

@@ -38,7 +38,7 @@ import train
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, mps, cpu (default: cuda, else mps, else cpu)")
     p.add_argument("--image-size", type=int, default=nin.IMAGE_SIZE, help="default: %(default)s")

@@ -123,6 +123,7 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert [line for line in lines if ": error: " in line] == lines[-1:], result.stderr
+    assert not any(line.startswith("usage:") for line in lines), result.stderr  # argparse's usage would bury it
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr)
 

@@ -81,6 +81,19 @@ def test_bad_files_are_skipped_with_a_warning(source, tmp_path):
     assert len(sides(tmp_path / "data")) == 90
 
 
+def test_hidden_files_and_folders_are_neither_classes_nor_photos(source, tmp_path):
+    """Finder's .DS_Store, macOS's `._photo.jpg` metadata and Jupyter's checkpoint folders: not copied, not
+    classes, and not worth a warning."""
+    (source / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    draw(source / ".ipynb_checkpoints" / "copy-checkpoint.jpg", COLOURS["red"], seed=5)
+    draw(source / "red" / ".ipynb_checkpoints" / "copy-checkpoint.jpg", COLOURS["red"], seed=6)
+    (source / "red" / "._000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata, not a JPEG")
+    result = split(source, tmp_path / "data")
+    assert "warning" not in result.stderr
+    assert visible(tmp_path / "data" / "train") == sorted(COLOURS) == visible(tmp_path / "data" / "val")
+    assert len(sides(tmp_path / "data")) == 90 and not list((tmp_path / "data").rglob("*checkpoint*"))
+
+
 def test_old_split_is_replaced_completely(source, tmp_path):
     data = tmp_path / "data"
     draw(data / "train" / "purple" / "old.jpg", (120, 0, 120), seed=1)

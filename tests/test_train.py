@@ -301,10 +301,12 @@ def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path
     assert [(r["epoch"], r["size"]) for r in nin.load_csv(out / "metrics.csv")] == [("1", "64"), ("2", "64")]
 
 
-@pytest.mark.parametrize("problem", ["missing", "empty", "a file"])
-def test_missing_or_unusable_data_folders(tmp_path, problem):
+@pytest.mark.parametrize("problem", ["missing", "val missing", "empty", "a file"])
+def test_missing_or_unusable_data_folders(tmp_path, split_data_dir, problem):
     data = tmp_path / "data"
-    if problem == "empty":
+    if problem == "val missing":  # a whole train/, but no val/ beside it
+        shutil.copytree(split_data_dir / "train", data / "train")
+    elif problem == "empty":
         (data / "train").mkdir(parents=True)
         (data / "val").mkdir()
     elif problem == "a file":  # e.g. an unreadable or mistaken path: not a folder of class folders
@@ -325,15 +327,18 @@ def test_empty_class_folder_is_a_clear_error(tmp_path, split_data_dir):
 
 
 def test_hidden_folders_are_not_classes(split_data_dir, tmp_path):
-    """A Jupyter checkpoint folder (or any hidden one) in train/ and val/ is not a class, and macOS's
-    `._photo.jpg` metadata files are not photos."""
+    """A Jupyter checkpoint folder (or any hidden one) in train/ and val/ is not a class, none inside a class
+    folder holds photos, macOS's `._photo.jpg` metadata files are not photos, and files not named like images
+    are left out."""
     import train
 
     data = tmp_path / "data"
     shutil.copytree(split_data_dir, data, ignore=shutil.ignore_patterns(".cache"))
     for side in ("train", "val"):
         draw(data / side / ".ipynb_checkpoints" / "copy-checkpoint.jpg", (220, 40, 40), seed=7)
+        draw(data / side / "red" / ".ipynb_checkpoints" / "copy-checkpoint.jpg", (220, 40, 40), seed=8)
         (data / side / "red" / "._metadata.jpg").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble, not a JPEG")
+        (data / side / "red" / "notes.txt").write_text("taken in May")
     photos = train.find_images(data / "train"), train.find_val_images(data / "val")
     assert [p.classes for p in photos] == [list(COLOURS)] * 2
     assert [len(p) for p in photos] == [len(train.find_images(split_data_dir / side)) for side in ("train", "val")]
