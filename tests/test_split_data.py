@@ -94,6 +94,23 @@ def test_hidden_files_and_folders_are_neither_classes_nor_photos(source, tmp_pat
     assert len(sides(tmp_path / "data")) == 90 and not list((tmp_path / "data").rglob("*checkpoint*"))
 
 
+def test_names_that_are_not_utf8_are_split_and_trained_on(source, tmp_path):
+    """A Latin-1 file name, as an old camera or archive may write: copied by the split, listed and decoded by
+    train.py."""
+    import train
+
+    name = os.fsencode(source / "red") + b"/fleur-\xe9t\xe9.jpg"
+    with open(name, "wb") as f:
+        f.write((source / "red" / "000.jpg").read_bytes())
+    result = split(source, tmp_path / "data", "--val-ratio", "0")
+    assert "Traceback" not in result.stderr and "warning" not in result.stderr
+    copied = tmp_path / "data" / "train" / "red" / os.fsdecode(b"fleur-\xe9t\xe9.jpg")
+    assert copied.read_bytes() == (source / "red" / "000.jpg").read_bytes()
+    photos = train.find_images(tmp_path / "data" / "train")
+    assert str(copied) in [path for path, _ in photos.samples] and len(photos) == 91
+    assert train.train_tensor(str(copied), 64).shape == (3, 73, 73)
+
+
 def test_old_split_is_replaced_completely(source, tmp_path):
     data = tmp_path / "data"
     draw(data / "train" / "purple" / "old.jpg", (120, 0, 120), seed=1)
