@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,18 +68,24 @@ def test_keep_last_saves_the_last_epoch_weights(split_data_dir, tmp_path):
     assert not same_weights(tmp_path / "NiN.pth", first_epoch)  # the comparison can fail
 
 
-def test_a_full_disk_is_one_line_and_the_files_before_stay_whole(split_data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("module, function, code", [(os, "fsync", errno.ENOSPC), (tempfile, "mkstemp", errno.EROFS)],
+                         ids=["full disk", "read-only folder"])
+def test_a_full_disk_is_one_line_and_the_files_before_stay_whole(split_data_dir, tmp_path, monkeypatch, module,
+                                                                 function, code):
+    """Every file the scripts write goes through a temporary file (mkstemp) flushed to disk (fsync): a full disk
+    fails the flush, a read-only folder the temporary file (as root, chmod cannot make one; the system's error is
+    raised where it would be)."""
     flags = [*TRAIN_FLAGS, "--epochs", "1", "--data-dir", split_data_dir, "--out-dir", tmp_path / "run",
              "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
     run("train.py", *flags, cwd=tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
-    def disk_full(fd: int) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "fsync", disk_full)  # every file the scripts write is flushed through it
+    monkeypatch.setattr(module, function, refused)
     result = run("train.py", *flags, cwd=tmp_path, check=False)  # a new run over the old one's files
-    assert_clean_error(result, "No space left on device")
+    assert_clean_error(result, os.strerror(code))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # and no temporaries
 
 
