@@ -404,11 +404,18 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained, pho
     assert_clean_error(result, named)
 
 
-def test_an_invalid_matplotlib_backend_is_one_line(trained, photos, tmp_path):
-    result = subprocess.run([sys.executable, ROOT / "predict.py", photos[("red", "RGB")], "--weights",
-                             trained["weights"], "--class-idx", trained["class_idx"]], cwd=tmp_path,
-                            capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "no-such-backend"})
-    assert_clean_error(result, "matplotlib cannot start")
+def test_an_invalid_matplotlib_backend_is_one_line(trained, photos, split_data_dir, tmp_path):
+    """An error where predict.py draws the images (it may show them); --eval writes its figures through
+    matplotlib's file backend, whatever MPLBACKEND says, as train.py and bench/cv.py do."""
+    def with_bad_backend(*flags: str | Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, ROOT / "predict.py", *flags, "--weights", trained["weights"],
+                               "--class-idx", trained["class_idx"]], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "MPLBACKEND": "no-such-backend"})
+
+    assert_clean_error(with_bad_backend(photos[("red", "RGB")]), "matplotlib cannot start")
+    result = with_bad_backend("--eval", split_data_dir / "val", "--out-dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "eval" / "eval_confusion.png").is_file()
 
 
 def test_a_sliver_of_an_image_is_refused_from_its_header(trained, photos, tmp_path):
