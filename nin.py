@@ -175,8 +175,17 @@ def is_photo_in(folder: Path, path: str | os.PathLike) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The photos under folder (is_photo_in), sorted."""
-    return sorted(f for f in folder.rglob("*") if not f.is_dir() and is_photo_in(folder, f))
+    """The photos under folder (is_photo_in), sorted. Links to folders are followed, as torchvision's ImageFolder
+    follows them for train.py; each real folder is read once, so a link to a parent cannot loop forever."""
+    found, seen = [], set()
+    for root, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        found += [path for name in files if is_photo_in(folder, path := Path(root, name))]
+    return sorted(found)
 
 
 class UnreadableImage(ValueError):
@@ -537,7 +546,7 @@ class ArgumentParser(argparse.ArgumentParser):
     bury the line that matters, and --help shows it."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -164,7 +164,7 @@ def arg_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: --epoch would slip past the check that --time and --epochs are not both given.
     # prog: bench/cv.py checks its train.py flags with this parser, and its errors must say whose flags they are.
     p = nin.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+                           allow_abbrev=False)
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
                    help="how long the whole run may take, like 90s, 30m or 1h30m: it measures a few steps here, "
@@ -463,7 +463,7 @@ def find_images(split_dir: Path) -> ImageFolder:
     if not split_dir.is_dir():
         raise nin.CLIError(f"{split_dir} not found: run `python split_data.py` first")
     try:
-        # What split_data.py and predict.py count as photos: ImageFolder also walks hidden subfolders.
+        # The photos nin.image_files lists for predict.py: ImageFolder alone would take hidden subfolders' too.
         return PhotoFolder(split_dir, is_valid_file=functools.partial(nin.is_photo_in, split_dir))
     except OSError as error:  # no class folders, an empty class, a folder we may not read
         raise nin.CLIError(f"{split_dir}: {error}") from None

@@ -55,7 +55,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """cv.py's own flags, and the train.py flags after `--` (checked by train.py's own parser)."""
     own, train_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="%(prog)s [options] [-- train.py flags]")
+                           usage="%(prog)s [options] [-- train.py flags]")
     p.add_argument("--folds", type=int, default=FOLDS, help="number of folds K (default: %(default)s)")
     p.add_argument("--source", type=Path, default=None,
                    help=f"folder of per-class image folders (default: {split_data.DEFAULT_SOURCE}, "

@@ -281,3 +281,15 @@ def test_fuzzed_files_give_an_image_or_the_clear_error(tmp_path):
             assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
             decoded += 1
     assert decoded > 0 and refused > 0
+
+
+def test_image_files_follow_links_to_folders_once_and_skip_hidden_ones(tmp_path):
+    """As torchvision's ImageFolder does for train.py: a linked class folder is read; a link back to a parent is
+    read once, not forever; hidden folders and files not named like images are left out."""
+    folder, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    for path in (folder / "a.jpg", elsewhere / "b.png", folder / ".ipynb_checkpoints" / "c.jpg"):
+        draw(path, (200, 30, 30), seed=1)
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    assert nin.image_files(folder) == [folder / "a.jpg", folder / "linked" / "b.png"]

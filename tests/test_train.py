@@ -70,8 +70,8 @@ def test_keep_last_saves_the_last_epoch_weights(split_data_dir, tmp_path):
 
 @pytest.mark.parametrize("module, function, code", [(os, "fsync", errno.ENOSPC), (tempfile, "mkstemp", errno.EROFS)],
                          ids=["full disk", "read-only folder"])
-def test_a_full_disk_is_one_line_and_the_files_before_stay_whole(split_data_dir, tmp_path, monkeypatch, module,
-                                                                 function, code):
+def test_a_write_the_system_refuses_is_one_line_and_the_files_before_stay_whole(split_data_dir, tmp_path,
+                                                                                monkeypatch, module, function, code):
     """Every file the scripts write goes through a temporary file (mkstemp) flushed to disk (fsync): a full disk
     fails the flush, a read-only folder the temporary file (as root, chmod cannot make one; the system's error is
     raised where it would be)."""
@@ -321,7 +321,8 @@ def test_missing_or_unusable_data_folders(tmp_path, split_data_dir, problem):
         (data / "train").write_text("not a folder")
         (data / "val").mkdir()
     result = run("train.py", "--data-dir", data, cwd=tmp_path, check=False)
-    assert_clean_error(result, "split_data.py" if problem != "empty" else "class folder")
+    named = {"val missing": f"{data / 'val'} not found", "empty": "class folder"}.get(problem, "split_data.py")
+    assert_clean_error(result, named)
 
 
 def test_empty_class_folder_is_a_clear_error(tmp_path, split_data_dir):
@@ -349,6 +350,19 @@ def test_hidden_folders_are_not_classes(split_data_dir, tmp_path):
     photos = train.find_images(data / "train"), train.find_val_images(data / "val")
     assert [p.classes for p in photos] == [list(COLOURS)] * 2
     assert [len(p) for p in photos] == [len(train.find_images(split_data_dir / side)) for side in ("train", "val")]
+
+
+def test_class_folders_that_are_links_are_read(split_data_dir, tmp_path):
+    """A val/ made of links to class folders kept elsewhere is validated on, not "nothing to validate on"."""
+    import train
+
+    val = tmp_path / "val"
+    val.mkdir()
+    for class_folder in (split_data_dir / "val").iterdir():
+        if class_folder.is_dir():
+            (val / class_folder.name).symlink_to(class_folder.resolve(), target_is_directory=True)
+    photos = train.find_val_images(val)
+    assert photos is not None and len(photos) == len(train.find_images(split_data_dir / "val")) > 0
 
 
 def test_train_and_val_with_different_classes(tmp_path, split_data_dir):
