@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -90,10 +90,11 @@ def main() -> None:
     args = parse_args()
     given = explicit_flags(sys.argv[1:])  # the flags written on the command line, not left at their defaults
     args, checkpoint = resume(args, given)
-    run = start_run(args.device, args.amp)
+    run = start_run(args.device)
     torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
     check_outputs(args)
     photos = find_photos(args.data_dir, run)
+    run.use_amp(choose_amp(args, len(photos[0].classes), run))
     trained_on = training_fingerprints(photos[0], args.workers, run)  # NiN.pth lists them: predict.py knows them
     if checkpoint is not None and checkpoint["classes"] != photos[0].classes:
         raise nin.CLIError(f"the class folders changed since this run started ({nin.few(checkpoint['classes'])} -> "
@@ -202,8 +203,9 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=SEED, help="seeds weights, shuffling and augmentation")
     p.add_argument("--device", default=None,
                    help="cuda, cuda:1, mps, cpu (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
-                   help="mixed-precision autocast on CUDA and MPS (fp16 adds loss scaling); the CPU runs float32")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed-precision autocast (fp16 adds loss scaling; off: float32). auto: bf16 on CUDA and "
+                        "MPS; on a CPU, bf16 if a few timed steps say it is faster here than float32")
     p.add_argument("--per-process-batch", action="store_true",
                    help="under torchrun, --batch-size is per process (global batch = it x processes) "
                         "instead of the global batch split across the processes")
@@ -320,14 +322,21 @@ class Run:
         """The process that prints and writes files (the only one without torchrun)."""
         return self.rank == 0
 
+    def use_amp(self, amp: str) -> None:
+        """Train and validate in this precision from now on: "bf16" or "fp16" autocast, or float32 ("off")."""
+        enabled = amp != "off"
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                                       enabled=enabled)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=enabled and amp == "fp16")
+
     def say(self, text: str, write: Callable[[str], None] = print) -> None:
         if self.main:
             write(text)
 
 
-def start_run(device_name: str | None, amp: str) -> Run:
-    """The device (--device, or the best one here); under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK)
-    this joins the process group: NCCL with one GPU per process, gloo on the CPU."""
+def start_run(device_name: str | None) -> Run:
+    """The device (--device, or the best one here), in float32 until use_amp; under torchrun (which sets RANK,
+    WORLD_SIZE, LOCAL_RANK) this joins the process group: NCCL with one GPU per process, gloo on the CPU."""
     device, rank, world = nin.pick_device(device_name), 0, 1
     if "RANK" in os.environ:
         if device.type == "mps":  # gloo would quietly train on the CPU instead
@@ -342,10 +351,28 @@ def start_run(device_name: str | None, amp: str) -> Run:
         rank, world = dist.get_rank(), dist.get_world_size()
     # A handful of input shapes per run: cuDNN times its algorithms once per shape and keeps the fastest.
     torch.backends.cudnn.benchmark = True
-    use_amp = amp != "off" and device.type in ("cuda", "mps")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=use_amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp == "fp16")
-    return Run(device, rank, world, autocast, scaler)
+    return Run(device, rank, world, torch.autocast(device.type, enabled=False),
+               torch.amp.GradScaler(device.type, enabled=False))
+
+
+def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
+    """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, whichever of bf16 and float32 steps
+    faster here. A CPU with native bf16 (AMX, AVX512-BF16) runs a bf16 step about twice as fast as a float32 one;
+    one without emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name.
+    Decided per process start, like --device: a resumed run may be on another machine. Under torchrun every
+    process takes the first one's choice."""
+    if args.amp != "auto":
+        return args.amp
+    if run.device.type != "cpu":
+        return "bf16"
+    seconds = {amp: full_size_step_seconds(args, num_classes, amp, run) for amp in ("off", "bf16")}
+    choice = [min(seconds, key=seconds.__getitem__)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    faster, other = ("bf16", "off") if choice[0] == "bf16" else ("off", "bf16")
+    run.say(f"--amp auto: {'bf16 autocast' if faster == 'bf16' else 'float32'} on this CPU (a step took "
+            f"{seconds[faster] / seconds[other]:.0%} of the time it took in {'float32' if other == 'off' else 'bf16'})")
+    return choice[0]
 
 
 def leave_process_group() -> None:
@@ -941,6 +968,14 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
         batch_seconds = timed(lambda: evaluate(learner.final, val_images, labels[:1].expand(n), num_classes, run),
                               run)
     return Pace(step, batch_seconds * val_photos / n)
+
+
+def full_size_step_seconds(args: argparse.Namespace, num_classes: int, amp: str, run: Run) -> float:
+    """Seconds per training step at the run's full image size in this precision (for --amp auto)."""
+    trial = replace(run)
+    trial.use_amp(amp)
+    full_size_only = argparse.Namespace(**{**vars(args), "start_size": 0})
+    return measure_pace(full_size_only, num_classes, 1, 0, trial).step[args.image_size]
 
 
 def timed(work: Callable[[], object], run: Run) -> float:

@@ -12,6 +12,8 @@ Needs data/train (python split_data.py). The one-off decoding of the cache is ti
 
 Then two speed-ups that a CPU might want, each against the plain one in the same run:
 - the model-only training step at each thread count of --threads (torch's default is one per core);
+- the model-only training step in float32 and in bf16 autocast (on a CPU, train.py's `--amp auto` times these
+  two and takes the faster; the three pipelines above run in bf16 on CUDA, in float32 elsewhere);
 - evaluation (validation and predict.py's forward pass): the network as it is, and with each batch norm
   folded into the convolution before it (torch.fx's `fuse`; training cannot fold them, its batch statistics
   change every step).
@@ -160,7 +162,14 @@ def main() -> None:
         print(f"model only, {threads:2d} threads {rate:8.1f} img/s")
     torch.set_num_threads(default_threads)
 
-    # 5. evaluation, with and without the batch norms folded into the convolutions
+    # 5. precision, for the model-only training step
+    for name, enabled in (("float32", False), ("bf16 autocast", True)):
+        precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+        rate = images_per_second(itertools.repeat((x, y)), lambda x, y, precision=precision: train.optimize(
+            model, optimizer, scaler, x, y, train.LABEL_SMOOTHING, precision), bs, args.warmup, args.steps, device)
+        print(f"model only, {name:<13} {rate:8.1f} img/s")
+
+    # 6. evaluation, with and without the batch norms folded into the convolutions
     model.eval()
     folded = fuse(model)
     with torch.no_grad():

@@ -35,6 +35,8 @@ def test_training_learns_and_writes_every_output(trained):
     assert nin.load_class_names(trained["class_idx"]) == classes
     checkpoint = torch.load(trained["run"] / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 6 and checkpoint["best_acc"] == best and checkpoint["classes"] == classes
+    assert checkpoint["args"]["amp"] == "auto"  # chosen again by each process start, which says what it took
+    assert "--amp auto: " in trained["stdout"]
     assert {"model", "optimizer", "scheduler", "history", "args"} <= checkpoint.keys()
     best_epoch = next(r["epoch"] for r in rows if float(r["val_acc"]) == best)
     last = float(rows[-1]["val_acc"])
@@ -434,7 +436,7 @@ def test_torchrun_refuses_mps_instead_of_training_on_the_cpu(monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(nin, "pick_device", lambda name: torch.device("mps"))  # as on a Mac
     with pytest.raises(nin.CLIError, match="pass --device cpu"):
-        train.start_run(None, "bf16")
+        train.start_run(None)
     assert not torch.distributed.is_initialized()
 
 
@@ -442,7 +444,7 @@ LEAVES_GROUP_AT_EXIT = """
 import atexit, weakref
 import torch, torch.distributed as dist
 import train
-train.start_run("cpu", "off")  # as one process of torchrun, from the environment
+train.start_run("cpu")  # as one process of torchrun, from the environment
 ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
 ddp(torch.ones(1, 2)).sum().backward()
 wrapper = weakref.ref(ddp)
@@ -699,6 +701,44 @@ def test_a_resumed_plan_that_had_shrunk_measures_all_its_sizes_and_grows_back(mo
     assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 40
 
 
+@pytest.mark.parametrize("faster", ["bf16", "off"])
+def test_amp_auto_takes_whichever_precision_steps_faster_on_a_cpu(monkeypatch, capsys, faster):
+    import train
+
+    monkeypatch.setattr(train, "full_size_step_seconds", lambda args, classes, amp, run: 1.0 if amp == faster else 2.0)
+    args = train.parse_args([])
+    assert train.choose_amp(args, 3, cpu_run()) == faster
+    said = "bf16 autocast" if faster == "bf16" else "float32"
+    assert f"--amp auto: {said} on this CPU (a step took 50% of the time" in capsys.readouterr().out
+    assert train.choose_amp(train.parse_args(["--amp", "fp16"]), 3, cpu_run()) == "fp16"  # given: kept
+    assert train.choose_amp(args, 3, dataclasses.replace(cpu_run(), device=torch.device("cuda"))) == "bf16"  # not timed
+
+
+def test_timing_a_precision_leaves_the_run_and_its_random_numbers_as_they_were():
+    import train
+
+    run_, model, x = cpu_run(), nin.NiN(3), torch.rand(2, 3, 64, 64)
+    before = torch.random.get_rng_state()
+    args = train.parse_args(["--image-size", "64", "--batch-size", "4"])
+    assert train.full_size_step_seconds(args, 3, "bf16", run_) > 0
+    assert torch.equal(torch.random.get_rng_state(), before)
+    with run_.autocast:  # timed in a copy: the run itself is still in float32
+        assert model(x).dtype == torch.float32
+    for amp, dtype in (("bf16", torch.bfloat16), ("off", torch.float32)):
+        run_.use_amp(amp)
+        with run_.autocast:
+            assert model(x).dtype == dtype
+
+
+def test_bf16_autocast_on_the_cpu_learns_and_its_weights_load_in_float32(split_data_dir, tmp_path):
+    out = tmp_path / "bf16"
+    run("train.py", *TRAIN_FLAGS, "--amp", "bf16", "--data-dir", split_data_dir, "--out-dir", out, "--weights",
+        out / "NiN.pth", "--class-idx", out / "c.json", cwd=tmp_path)
+    assert max(float(r["val_acc"]) for r in nin.load_csv(out / "metrics.csv")) >= 0.9
+    model, _, _ = nin.load_weights(out / "NiN.pth")
+    assert {p.dtype for p in model.state_dict().values() if p.is_floating_point()} == {torch.float32}
+
+
 def test_the_batch_is_split_across_processes_unless_per_process():
     import train
 
@@ -884,8 +924,9 @@ def test_resume_after_the_class_folders_changed_is_refused(trained, split_data_d
 def test_a_resumed_run_draws_the_same_random_numbers_as_an_uninterrupted_one(split_data_dir, tmp_path):
     """The step schedule does not depend on the number of epochs, so a 2-epoch run resumed for a third must
     repeat the 3-epoch run's third epoch exactly: same crops, same flips, same mixing."""
-    flags = [*TRAIN_FLAGS, "--schedule", "step", "--step-epochs", "100", "--mixup", "0.2", "--data-dir",
-             split_data_dir]
+    # --amp off: auto times both precisions in each process, and a close call may go either way
+    flags = [*TRAIN_FLAGS, "--schedule", "step", "--step-epochs", "100", "--mixup", "0.2", "--amp", "off",
+             "--data-dir", split_data_dir]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for out, epochs in ((whole, "3"), (cut, "2")):
         run("train.py", *flags, "--epochs", epochs, "--out-dir", out, "--weights", out / "NiN.pth",
