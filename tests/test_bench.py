@@ -1,5 +1,5 @@
-"""bench/: the sweep driver, cross-validation, the budget table and the GPU data copy (the throughput benchmark
-only prints timings: it is run by hand)."""
+"""bench/: the sweep driver, cross-validation, the budget table, the GPU data copy and the images that show no
+flower (the throughput benchmark only prints timings: it is run by hand)."""
 
 from __future__ import annotations
 
@@ -201,3 +201,15 @@ def test_gpu_data_squares_every_photo_and_never_replaces_a_folder_it_did_not_wri
     inside = run("bench/gpu_data.py", source, source / "squares", cwd=tmp_path, check=False)
     assert_clean_error(inside, "inside")
     assert sorted(p.relative_to(source) for p in source.rglob("*.jpg")) == photos  # the photos are all there
+
+
+def test_not_flowers_writes_the_same_twelve_readable_images_each_time(tmp_path):
+    for out in ("a", "b"):
+        run("bench/not_flowers.py", tmp_path / out, cwd=tmp_path)
+    written = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(written) == 12 and written == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() for name in written)
+    assert all(nin.load_image(tmp_path / "a" / name).size[0] > 0 for name in written)
+    (tmp_path / "file").write_text("")
+    assert_clean_error(run("bench/not_flowers.py", tmp_path / "file" / "out", cwd=tmp_path, check=False),
+                       "is a file, not a folder")
