@@ -79,6 +79,10 @@ BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0,
 # only when this long has passed since the last save, and after the last epoch; a CPU epoch is longer than
 # this, so there every epoch is saved.
 SAVE_SECONDS = 10
+# --amp auto on a CPU takes bf16 only where it clearly pays: two timed steps are noisy, and a close call is not
+# worth bf16's coarser arithmetic.
+BF16_SHARE = 0.8
+PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast"}
 FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing is slow)
 
 
@@ -94,7 +98,8 @@ def main() -> None:
     torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
     check_outputs(args)
     photos = find_photos(args.data_dir, run)
-    run.use_amp(choose_amp(args, len(photos[0].classes), run))
+    if checkpoint is None or checkpoint["epoch"] < args.epochs:  # a finished run resumed has nothing to time
+        run.use_amp(choose_amp(args, len(photos[0].classes), run))
     trained_on = training_fingerprints(photos[0], args.workers, run)  # NiN.pth lists them: predict.py knows them
     if checkpoint is not None and checkpoint["classes"] != photos[0].classes:
         raise nin.CLIError(f"the class folders changed since this run started ({nin.few(checkpoint['classes'])} -> "
@@ -222,7 +227,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH, help="where the class map goes")
     p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run saved in --out-dir/checkpoint.pth, with its own settings")
+                   help="continue the run saved in --out-dir/checkpoint.pth, with its own settings (but this "
+                        "command line's --device, --amp and --workers)")
     return p
 
 
@@ -274,9 +280,10 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict | None]:
-    """With --resume: the run's own settings from its checkpoint (only --device and --workers are taken from
-    this command line), and the checkpoint itself. Without: the arguments as they are, and None. A flag given
-    with --resume (`given`) must repeat the run's setting: a changed one would be silently ignored."""
+    """With --resume: the run's own settings from its checkpoint (only --device, --amp and --workers are taken
+    from this command line: they belong to the machine), and the checkpoint itself. Without: the arguments as
+    they are, and None. A flag given with --resume (`given`) must repeat the run's setting: a changed one would
+    be silently ignored."""
     if not args.resume:
         return args, None
     checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")
@@ -285,7 +292,7 @@ def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespac
                            f"(NiN.pth holds weights only: it cannot be resumed)")
     # Where the checkpoint was found wins over where the run first wrote it (the folder may have moved), and
     # outputs that lived inside that folder move with it.
-    here = {"device": args.device, "workers": args.workers, "out_dir": args.out_dir}
+    here = {"device": args.device, "amp": args.amp, "workers": args.workers, "out_dir": args.out_dir}
     resumed = argparse.Namespace(**{**vars(args), **BEFORE_FLAG_EXISTED, **checkpoint["args"], **here})
     first_out_dir = Path(checkpoint["args"]["out_dir"])
     for name in ("data_dir", "weights", "class_idx"):
@@ -356,22 +363,25 @@ def start_run(device_name: str | None) -> Run:
 
 
 def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
-    """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, whichever of bf16 and float32 steps
-    faster here. A CPU with native bf16 (AMX, AVX512-BF16) runs a bf16 step about twice as fast as a float32 one;
-    one without emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name.
-    Decided per process start, like --device: a resumed run may be on another machine. Under torchrun every
-    process takes the first one's choice."""
+    """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, bf16 where a step in it takes at most
+    BF16_SHARE of a float32 step. A CPU with native bf16 (AMX, AVX512-BF16) about halves the step; one without
+    emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name. Timed at the
+    full size of the flags' recipe, before a --time plan may choose a smaller one: a CPU that has bf16 has it at
+    every size. Decided per process start, like --device: a resumed run may be on another machine. Under
+    torchrun every process takes the first one's choice."""
+    if args.amp == "fp16" and run.device.type == "cpu":
+        raise nin.CLIError("--amp fp16 is for GPUs: on a CPU use bf16 or off")
     if args.amp != "auto":
         return args.amp
     if run.device.type != "cpu":
+        run.say(f"--amp auto: bf16 autocast on {run.device.type}")
         return "bf16"
     seconds = {amp: full_size_step_seconds(args, num_classes, amp, run) for amp in ("off", "bf16")}
-    choice = [min(seconds, key=seconds.__getitem__)]
+    choice = ["bf16" if seconds["bf16"] <= BF16_SHARE * seconds["off"] else "off"]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
-    faster, other = ("bf16", "off") if choice[0] == "bf16" else ("off", "bf16")
-    run.say(f"--amp auto: {'bf16 autocast' if faster == 'bf16' else 'float32'} on this CPU (a step took "
-            f"{seconds[faster] / seconds[other]:.0%} of the time it took in {'float32' if other == 'off' else 'bf16'})")
+    run.say(f"--amp auto: {PRECISION_NAMES[choice[0]]} on this CPU (a bf16 step took "
+            f"{seconds['bf16'] / seconds['off']:.0%} of a float32 one)")
     return choice[0]
 
 

@@ -113,8 +113,8 @@ def main() -> None:
 
     scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-    def step(x: torch.Tensor, labels: torch.Tensor) -> None:
-        train.optimize(model, optimizer, scaler, x, labels, train.LABEL_SMOOTHING, autocast)
+    def step(x: torch.Tensor, labels: torch.Tensor, precision: torch.autocast = autocast) -> None:
+        train.optimize(model, optimizer, scaler, x, labels, train.LABEL_SMOOTHING, precision)
 
     # 1. model only
     x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -165,8 +165,8 @@ def main() -> None:
     # 5. precision, for the model-only training step
     for name, enabled in (("float32", False), ("bf16 autocast", True)):
         precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-        rate = images_per_second(itertools.repeat((x, y)), lambda x, y, precision=precision: train.optimize(
-            model, optimizer, scaler, x, y, train.LABEL_SMOOTHING, precision), bs, args.warmup, args.steps, device)
+        rate = images_per_second(itertools.repeat((x, y)), lambda x, y, precision=precision: step(x, y, precision),
+                                 bs, args.warmup, args.steps, device)
         print(f"model only, {name:<13} {rate:8.1f} img/s")
 
     # 6. evaluation, with and without the batch norms folded into the convolutions

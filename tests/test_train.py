@@ -145,13 +145,14 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
     nin.load_weights(weights)
     assert nin.load_class_names(class_idx) == ["blue", "green", "red"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    resumed = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
-    assert f"after epoch {saved}" in resumed.stdout
+    resumed = run("train.py", "--resume", "--out-dir", out, "--amp", "off", cwd=tmp_path)  # the machine's to choose
+    assert f"after epoch {saved}" in resumed.stdout and "--amp auto" not in resumed.stdout
     assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 6
     weights.unlink()  # as if lost after the checkpoint was written: a finished run resumed puts it back
     again = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)  # no timed steps, no plan
-    assert "finished its 6 epochs: nothing more to train" in again.stdout and "should take" not in again.stdout
+    assert "finished its 6 epochs: nothing more to train" in again.stdout
+    assert "should take" not in again.stdout and "--amp auto" not in again.stdout
     assert re.search(r"^took [^,]+$", again.stdout, re.MULTILINE)  # with no prediction to compare
     assert len(nin.load_csv(out / "metrics.csv")) == 6
     assert same_weights(weights, torch.load(out / "checkpoint.pth", weights_only=True)["best_model"])
@@ -701,17 +702,23 @@ def test_a_resumed_plan_that_had_shrunk_measures_all_its_sizes_and_grows_back(mo
     assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 40
 
 
-@pytest.mark.parametrize("faster", ["bf16", "off"])
-def test_amp_auto_takes_whichever_precision_steps_faster_on_a_cpu(monkeypatch, capsys, faster):
+@pytest.mark.parametrize("bf16_seconds,chosen,said", [(0.5, "bf16", "bf16 autocast"), (0.9, "off", "float32"),
+                                                        (2.0, "off", "float32")])
+def test_amp_auto_takes_bf16_on_a_cpu_only_where_it_clearly_pays(monkeypatch, capsys, bf16_seconds, chosen, said):
     import train
 
-    monkeypatch.setattr(train, "full_size_step_seconds", lambda args, classes, amp, run: 1.0 if amp == faster else 2.0)
+    monkeypatch.setattr(train, "full_size_step_seconds",
+                        lambda args, classes, amp, run: bf16_seconds if amp == "bf16" else 1.0)
     args = train.parse_args([])
-    assert train.choose_amp(args, 3, cpu_run()) == faster
-    said = "bf16 autocast" if faster == "bf16" else "float32"
-    assert f"--amp auto: {said} on this CPU (a step took 50% of the time" in capsys.readouterr().out
-    assert train.choose_amp(train.parse_args(["--amp", "fp16"]), 3, cpu_run()) == "fp16"  # given: kept
-    assert train.choose_amp(args, 3, dataclasses.replace(cpu_run(), device=torch.device("cuda"))) == "bf16"  # not timed
+    assert train.choose_amp(args, 3, cpu_run()) == chosen
+    assert (f"--amp auto: {said} on this CPU (a bf16 step took {bf16_seconds:.0%} of a float32 one)"
+            in capsys.readouterr().out)
+    assert train.choose_amp(train.parse_args(["--amp", "off"]), 3, cpu_run()) == "off"  # given: kept
+    gpu_run = dataclasses.replace(cpu_run(), device=torch.device("cuda"))
+    assert train.choose_amp(args, 3, gpu_run) == "bf16"  # not timed
+    assert "--amp auto: bf16 autocast on cuda" in capsys.readouterr().out
+    with pytest.raises(nin.CLIError, match="--amp fp16 is for GPUs"):
+        train.choose_amp(train.parse_args(["--amp", "fp16"]), 3, cpu_run())
 
 
 def test_timing_a_precision_leaves_the_run_and_its_random_numbers_as_they_were():
