@@ -98,12 +98,12 @@ def main() -> None:
     torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
     check_outputs(args)
     photos = find_photos(args.data_dir, run)
-    if checkpoint is None or checkpoint["epoch"] < args.epochs:  # a finished run resumed has nothing to time
-        run.use_amp(choose_amp(args, len(photos[0].classes), run))
     trained_on = training_fingerprints(photos[0], args.workers, run)  # NiN.pth lists them: predict.py knows them
     if checkpoint is not None and checkpoint["classes"] != photos[0].classes:
         raise nin.CLIError(f"the class folders changed since this run started ({nin.few(checkpoint['classes'])} -> "
                            f"{nin.few(photos[0].classes)}): start a new run instead of --resume")
+    if checkpoint is None or checkpoint["epoch"] < args.epochs:  # a finished run resumed has nothing to time
+        run.use_amp(choose_amp(args, len(photos[0].classes), run))
     pace = None
     if args.time and checkpoint is None:  # --time: the recipe and the epochs that fit, from timed steps here
         args, pace = plan_for_budget(args, given, photos, clock, run)
