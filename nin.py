@@ -330,8 +330,8 @@ def load_class_names(path: str | os.PathLike) -> list[str]:
 class Calibration:
     """What turns the network's logits into probabilities a user can act on, stored in NiN.pth.
 
-    temperature: the logits are divided by it before the softmax (fitted on held-out photos: label smoothing
-    and mixup squeeze a network's softmax, so its raw numbers read lower than its accuracy).
+    temperature: the logits are divided by it before the softmax (fitted on held-out photos: mixup, CutMix and
+    label smoothing squeeze a network's softmax, so its raw numbers read lower than its accuracy).
     not_sure_below: a top probability below it is answered "not sure" (0: always an answer).
     """
 

@@ -13,7 +13,7 @@ Needs data/train (python split_data.py). The one-off decoding of the cache is ti
 Then two speed-ups that a CPU might want, each against the plain one in the same run:
 - the model-only training step at each thread count of --threads (torch's default is one per core);
 - the model-only training step in float32 and in bf16 autocast (on a CPU, train.py's `--amp auto` times these
-  two and takes the faster; the three pipelines above run in bf16 on CUDA, in float32 elsewhere);
+  two and takes bf16 where it clearly pays; the three pipelines above run in bf16 on CUDA, in float32 elsewhere);
 - evaluation (validation and predict.py's forward pass): the network as it is, and with each batch norm
   folded into the convolution before it (torch.fx's `fuse`; training cannot fold them, its batch statistics
   change every step).
