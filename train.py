@@ -210,8 +210,8 @@ def arg_parser() -> argparse.ArgumentParser:
                    help="cuda, cuda:1, mps, cpu (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed-precision autocast (fp16 adds loss scaling; off: float32). auto: bf16 on CUDA and "
-                        f"MPS; on a CPU, bf16 only if a few timed steps put it at {round(100 * BF16_SHARE)}%% of float32's time "
-                        "or less")
+                        f"MPS; on a CPU, bf16 only if a few timed steps put it at {round(100 * BF16_SHARE)}%% of "
+                        "float32's time or less")
     p.add_argument("--per-process-batch", action="store_true",
                    help="under torchrun, --batch-size is per process (global batch = it x processes) "
                         "instead of the global batch split across the processes")
