@@ -229,7 +229,7 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out-dir/checkpoint.pth, with its own settings (but this "
-                        "command line's --device, --amp and --workers)")
+                        "command line's --device and --workers, and --amp if given)")
     return p
 
 
@@ -281,10 +281,10 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict | None]:
-    """With --resume: the run's own settings from its checkpoint (only --device, --amp and --workers are taken
-    from this command line: they belong to the machine), and the checkpoint itself. Without: the arguments as
-    they are, and None. A flag given with --resume (`given`) must repeat the run's setting: a changed one would
-    be silently ignored."""
+    """With --resume: the run's own settings from its checkpoint (--device and --workers are taken from this
+    command line, and --amp when it is given: they belong to the machine), and the checkpoint itself. Without:
+    the arguments as they are, and None. Any other flag given with --resume (`given`) must repeat the run's
+    setting: a changed one would be silently ignored."""
     if not args.resume:
         return args, None
     checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")
@@ -293,7 +293,8 @@ def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespac
                            f"(NiN.pth holds weights only: it cannot be resumed)")
     # Where the checkpoint was found wins over where the run first wrote it (the folder may have moved), and
     # outputs that lived inside that folder move with it.
-    here = {"device": args.device, "amp": args.amp, "workers": args.workers, "out_dir": args.out_dir}
+    here = {"device": args.device, "workers": args.workers, "out_dir": args.out_dir,
+            **({"amp": args.amp} if "amp" in given else {})}
     resumed = argparse.Namespace(**{**vars(args), **BEFORE_FLAG_EXISTED, **checkpoint["args"], **here})
     first_out_dir = Path(checkpoint["args"]["out_dir"])
     for name in ("data_dir", "weights", "class_idx"):

@@ -721,6 +721,18 @@ def test_amp_auto_takes_bf16_on_a_cpu_only_where_it_clearly_pays(monkeypatch, ca
         train.choose_amp(train.parse_args(["--amp", "fp16"]), 3, cpu_run())
 
 
+def test_resume_keeps_the_runs_amp_unless_the_command_line_gives_one(trained, tmp_path):
+    import train
+
+    shutil.copytree(trained["run"], tmp_path / "run")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    checkpoint["args"]["amp"] = "off"  # as a run started with --amp off
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pth")
+    for given, kept in (([], "off"), (["--amp", "bf16"], "bf16")):
+        argv = ["--resume", "--out-dir", str(tmp_path / "run"), *given]
+        assert train.resume(train.parse_args(argv), train.explicit_flags(argv))[0].amp == kept
+
+
 def test_timing_a_precision_leaves_the_run_and_its_random_numbers_as_they_were():
     import train
 
