@@ -79,11 +79,11 @@ BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0,
 # only when this long has passed since the last save, and after the last epoch; a CPU epoch is longer than
 # this, so there every epoch is saved.
 SAVE_SECONDS = 10
+FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing is slow)
 # --amp auto on a CPU takes bf16 only where it clearly pays: two timed steps are noisy, and a close call is not
 # worth bf16's coarser arithmetic.
 BF16_SHARE = 0.8
 PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast"}
-FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing is slow)
 
 
 # --------------------------------------------------------------------------------------------- the recipe
