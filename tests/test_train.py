@@ -804,7 +804,7 @@ def test_a_rescheduled_run_still_anneals_to_zero_at_its_new_end():
 def test_a_machine_that_slows_down_midway_ends_on_time_with_the_schedule_finished(split_data_dir, tmp_path,
                                                                                  monkeypatch):
     """--time's contract when the machine slows down: from the first weights saved on, every normalised batch
-    costs 0.15 s more (so that 120 epochs cannot fit in the budget on any machine), the plan shrinks, and the
+    costs 0.15 s more (so that 120 epochs cannot fit in the budget at float32's pace), the plan shrinks, and the
     run still ends within its budget (no process start-up: it runs in this one), at the full image size with
     its schedule finished, not cut. Resumed once finished, it has nothing left to do."""
     start, normalize, save_weights, slow = time.monotonic(), nin.normalize, nin.save_weights, []
