@@ -145,7 +145,7 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
     nin.load_weights(weights)
     assert nin.load_class_names(class_idx) == ["blue", "green", "red"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    resumed = run("train.py", "--resume", "--out-dir", out, "--amp", "off", cwd=tmp_path)  # the machine's to choose
+    resumed = run("train.py", "--resume", "--out-dir", out, "--amp", "off", cwd=tmp_path)  # given: it wins
     assert f"after epoch {saved}" in resumed.stdout and "--amp auto" not in resumed.stdout
     assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 6
