@@ -69,6 +69,7 @@ SEED = 0
 SIZE_STEP = 16  # progressive resizing grows the training images by this many pixels a stage
 CACHE_FOLDER = ".cache"  # inside --data-dir
 DIST_TIMEOUT_MINUTES = 10  # under torchrun: how long a process waits for a crashed peer before giving up
+VAL_BATCH = 128  # images a validation batch scores at once (it learns nothing, so only memory limits it)
 # What --resume reads from a checkpoint.pth (a NiN.pth, or any other .pth, lacks them).
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "history", "args", "classes", "best_acc",
                    "best_confusion"}
@@ -226,7 +227,8 @@ def arg_parser() -> argparse.ArgumentParser:
                    help="which epoch's weights --weights holds: the best on val, or the last (always the last "
                         "when val/ holds no photos)")
     p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH, help="where the class map goes")
-    p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR, help="metrics.csv and checkpoint.pth go here")
+    p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR,
+                   help="metrics.csv, curves.png, confusion.png and checkpoint.pth go here")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out-dir/checkpoint.pth, with its own settings (but this "
                         "command line's --device and --workers, and --amp if given)")
@@ -236,6 +238,7 @@ def arg_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = arg_parser()
     args = p.parse_args(argv)
+    given = explicit_flags(argv if argv is not None else sys.argv[1:])
     # Every number has a range; inf and nan are outside every one of them.
     checks = [(1 <= args.epochs <= 100_000, "--epochs must be between 1 and 100000"),
               (2 <= args.batch_size <= 65_536, "--batch-size must be between 2 (batch norm needs 2) and 65536"),
@@ -256,8 +259,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (1 <= args.step_epochs <= 100_000, "--step-epochs must be between 1 and 100000"),
               (0 <= args.seed < 2**31, "--seed must be between 0 and 2147483647"),
               (0 <= args.workers <= 256, "--workers must be between 0 and 256"),
-              (args.time is None or "epochs" not in explicit_flags(argv if argv is not None else sys.argv[1:]),
+              (args.time is None or "epochs" not in given,
                "give --time or --epochs, not both: --time chooses the epochs"),
+              (not args.faithful or "dropout" not in given,
+               "--faithful has the classic dropout (0.5): not with --dropout"),
               (args.time is None or not args.no_cache, "--time plans from the decode-once cache: not with --no-cache")]
     for ok, message in checks:
         if not ok:
@@ -756,6 +761,8 @@ class Learner:
         self.stepped: torch.nn.Module = self.model
         if run.world > 1:
             if args.sync_bn:
+                if run.device.type != "cuda":  # torch's SyncBatchNorm would fail in the first step
+                    raise nin.CLIError("--sync-bn is for torchrun on CUDA GPUs")
                 self.model = self.stepped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.stepped = DistributedDataParallel(self.model, device_ids=[run.device] if run.device.type == "cuda"
                                                    else None)
@@ -885,12 +892,12 @@ def train_one_epoch(learner: Learner, batches: Iterable[tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-             run: Run, batch_size: int = 128) -> tuple[float, torch.Tensor]:
+             run: Run) -> tuple[float, torch.Tensor]:
     """Validation loss and confusion matrix; under torchrun each process scores a shard, then they are summed."""
     model.eval()
     loss_sum = torch.zeros(1, device=run.device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=run.device)
-    for x, y in batches(images, labels, batch_size, rank=run.rank, world=run.world):
+    for x, y in batches(images, labels, VAL_BATCH, rank=run.rank, world=run.world):
         x = nin.normalize(x).contiguous(memory_format=torch.channels_last)
         with run.autocast:
             logits = model(x).float()
@@ -974,7 +981,7 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
         step = {size: timed(lambda size=size: learner.step(images, labels, size), run) for size in sizes}
         if val_photos == 0:
             return Pace(step, 0.0)
-        n = min(val_photos, 128)
+        n = min(val_photos, VAL_BATCH)
         val_images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8,
                                    device=run.device)
         batch_seconds = timed(lambda: evaluate(learner.final, val_images, labels[:1].expand(n), num_classes, run),

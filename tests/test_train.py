@@ -441,6 +441,15 @@ def test_torchrun_refuses_mps_instead_of_training_on_the_cpu(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_sync_bn_on_the_cpu_is_a_clear_error_not_a_crash_in_the_first_step():
+    """torch's SyncBatchNorm needs CUDA: under torchrun on the CPU it would fail with a traceback mid-run."""
+    import train
+    args = train.parse_args(["--sync-bn", "--device", "cpu"])
+    two_processes = dataclasses.replace(train.start_run("cpu"), world=2)
+    with pytest.raises(nin.CLIError, match="--sync-bn is for torchrun on CUDA"):
+        train.Learner(train.make_model(3, args), args, 10, two_processes)
+
+
 LEAVES_GROUP_AT_EXIT = """
 import atexit, weakref
 import torch, torch.distributed as dist
@@ -520,6 +529,10 @@ def test_bad_durations_are_one_line_errors(tmp_path, text):
                                          (["--no-cache"], "not with --no-cache")])
 def test_time_with_flags_it_cannot_plan_around_is_refused(tmp_path, flags, named):
     assert_clean_error(run("train.py", "--time", "30m", *flags, cwd=tmp_path, check=False), named)
+
+
+def test_faithful_refuses_a_dropout_it_would_ignore(tmp_path):
+    assert_clean_error(run("train.py", "--faithful", "--dropout", "0.2", cwd=tmp_path, check=False), "--faithful")
 
 
 def test_curves_of_a_run_whose_last_epoch_was_not_validated(tmp_path):
