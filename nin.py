@@ -414,6 +414,7 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
 # ----------------------------------------------------------------------------------------------------- reports
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (as in Guo et al. 2017)
+NOT_SURE_KEEP = 0.95  # the default "not sure" threshold answers this share of the correctly classified photos
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -464,11 +465,11 @@ def ece_of_a_calibrated_model(probs: torch.Tensor, bins: int = ECE_BINS, draws: 
                for _ in range(draws)) / draws
 
 
-def not_sure_threshold(probs: torch.Tensor, labels: torch.Tensor, keep: float = 0.95) -> float:
-    """The top probability below which only (1 - keep) of the correctly classified photos fall."""
+def not_sure_threshold(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The top probability below which only (1 - NOT_SURE_KEEP) of the correctly classified photos fall."""
     confidence, predicted = probs.max(1)
     right = confidence[predicted == labels].double()
-    return min(float(right.quantile(1 - keep)), 0.99) if len(right) else 0.0  # 1.0 would refuse every answer
+    return min(float(right.quantile(1 - NOT_SURE_KEEP)), 0.99) if len(right) else 0.0  # 1.0 would refuse every answer
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -110,7 +110,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         nin.check_output_file(args.save, "--save")
     if args.calibrate is not None:
         nin.check_output_file(args.weights, "--weights")
-    nin.check_output_folder(args.out_dir, "--out-dir")
+    if args.eval or not (args.json or args.calibrate):  # where --eval's files, or predictions.csv, may go
+        nin.check_output_folder(args.out_dir, "--out-dir")
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -208,6 +209,15 @@ def run_batches(model: nin.NiN, paths: list[Path], image_size: int, args: argpar
     if not results:
         raise nin.CLIError(f"cannot read image {paths[0]}" if len(paths) == 1 else "no image could be read")
     return results
+
+
+def score_labelled(model: nin.NiN, paths: list[Path], labels: list[int], image_size: int, args: argparse.Namespace,
+                   device: torch.device, temperature: float = 1.0) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """run_batches on labelled photos, plus the logits (before the temperature) and labels of those it could read."""
+    label_of = dict(zip(paths, labels, strict=True))
+    results = run_batches(model, paths, image_size, args, device, temperature)
+    return (results, torch.stack([r["map"].mean((1, 2)) for r in results]),
+            torch.tensor([label_of[r["path"]] for r in results]))
 
 
 def answer(probs: torch.Tensor, classes: list[str], k: int, not_sure_below: float) -> str:
@@ -316,7 +326,7 @@ def predict_images(model: nin.NiN, classes: list[str], image_size: int, calibrat
                  if len(paths) == 1 else f"{seen} of these {len(paths)} images are photos {args.weights} trained on: "
                  f"its answers for them say little about new photos")
     results = run_batches(model, paths, image_size, args, device, calibration.temperature)
-    threshold = calibration.not_sure_below if args.not_sure is None else args.not_sure
+    threshold = calibration.not_sure_below
     if args.json:
         print(json.dumps([{"image": str(r["path"]), "top": top_k(r["probs"], classes, args.top_k),
                            "not_sure": unsure(r["probs"], threshold)} for r in results], indent=2))
@@ -340,12 +350,11 @@ def evaluate_folder(model: nin.NiN, classes: list[str], image_size: int, calibra
     if seen := photos_it_trained_on(args.weights, paths, args.workers):
         nin.warn(f"{seen} of the {len(paths)} photos of {args.eval} trained {args.weights}: the scores below read "
                  f"high (held-out photos, or bench/cv.py, give ones that hold for new photos)")
-    label_of = dict(zip(paths, labels, strict=True))
-    results = run_batches(model, paths, image_size, args, device, calibration.temperature)
-    targets = torch.tensor([label_of[r["path"]] for r in results])
+    results, logits, targets = score_labelled(model, paths, labels, image_size, args, device,
+                                              calibration.temperature)
     probs = torch.stack([r["probs"] for r in results])
-    raw = torch.stack([r["map"].mean((1, 2)) for r in results]).softmax(1)  # without the temperature
-    threshold = calibration.not_sure_below if args.not_sure is None else args.not_sure
+    raw = logits.softmax(1)  # without the temperature
+    threshold = calibration.not_sure_below
     reliability = calibration_summary(raw, probs, targets, threshold)
     k = min(args.top_k, len(classes))
     top1 = probs.argmax(1)
@@ -466,10 +475,8 @@ def held_out_logits(source: Path, model: nin.NiN, classes: list[str], image_size
             raise nin.CLIError(f"{seen} of the {len(paths)} photos of {source} trained {args.weights}: a temperature "
                                f"fitted on them would be wrong; give photos it never saw, or bench/cv.py's "
                                f"oof_predictions.csv")
-        label_of = dict(zip(paths, labels, strict=True))
-        results = run_batches(model, paths, image_size, args, device)
-        return (torch.stack([r["map"].mean((1, 2)) for r in results]),
-                torch.tensor([label_of[r["path"]] for r in results]))
+        _, logits, targets = score_labelled(model, paths, labels, image_size, args, device)
+        return logits, targets
     if not source.is_file():
         raise nin.CLIError(f"--calibrate {source}: no such folder or file")
     try:
@@ -505,8 +512,8 @@ def calibrate_weights(model: nin.NiN, classes: list[str], image_size: int, args:
     nin.save_torch(saved, args.weights)
     print(f"fitted on {len(labels)} photos of {args.calibrate}: temperature {temperature:.3f}; "
           f"on these same photos, {ece_line(summary, len(labels))}")
-    print(f"'not sure' below {threshold:.1%} (keeps 95 % of the photos answered right): {summary['answered']:.1%} "
-          f"of these photos answered, {summary['answered_accuracy']:.2%} of them right")
+    print(f"'not sure' below {threshold:.1%} (keeps {nin.NOT_SURE_KEEP:.0%} of the photos answered right): "
+          f"{summary['answered']:.1%} of these photos answered, {summary['answered_accuracy']:.2%} of them right")
     print(f"stored in {args.weights}")
 
 
@@ -517,6 +524,8 @@ def main() -> None:
     check_outputs(args)
     device = nin.pick_device(args.device)
     model, classes, image_size, calibration = load_model(args.weights, args.class_idx, device)
+    if args.not_sure is not None:  # the flag wins over the threshold stored with the weights
+        calibration = dataclasses.replace(calibration, not_sure_below=args.not_sure)
     if args.calibrate:
         calibrate_weights(model, classes, image_size, args, device)
     elif args.eval:

@@ -405,6 +405,17 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained, pho
     assert_clean_error(result, named)
 
 
+def test_out_dir_is_checked_only_when_something_goes_there(trained, photos, tmp_path):
+    """--json writes nothing into --out-dir, so a folder that cannot be written does not stop it; two images
+    in text write predictions.csv there, so it does."""
+    (tmp_path / "plain").write_text("a file where a folder should be")
+    image = photos[("red", "RGB")]
+    flags = [image, image, "--weights", trained["weights"], "--class-idx", trained["class_idx"], "--out-dir",
+             tmp_path / "plain" / "out"]
+    assert json.loads(run("predict.py", *flags, "--json", cwd=tmp_path).stdout)[0]["top"][0]["class"] == "red"
+    assert_clean_error(run("predict.py", *flags, cwd=tmp_path, check=False), "is a file, not a folder")
+
+
 def test_an_invalid_matplotlib_backend_is_one_line(trained, photos, split_data_dir, tmp_path):
     """An error where predict.py draws the images (it may show them); --eval writes its figures through
     matplotlib's file backend, whatever MPLBACKEND says, as train.py and bench/cv.py do."""
@@ -499,7 +510,7 @@ def test_probabilities_use_the_stored_temperature_and_old_weights_the_raw_softma
     assert hot[0]["probability"] < raw[0]["probability"]
 
 
-def test_not_sure_in_text_json_and_csv(trained, photos, tmp_path):
+def test_not_sure_in_text_json_csv_and_eval(trained, photos, split_data_dir, tmp_path):
     # a temperature so high that every answer is nearly a three-way tie: below the threshold whatever the logits
     weights = calibrated_copy(trained, tmp_path, temperature=100.0, not_sure_below=0.9)
     images = [photos[("red", "RGB")], photos[("blue", "RGB")]]
@@ -510,6 +521,9 @@ def test_not_sure_in_text_json_and_csv(trained, photos, tmp_path):
     assert [r["not_sure"] for r in nin.load_csv(trained["dir"] / "predict" / "predictions.csv")] == ["1", "1"]
     sure = json.loads(predict_with(weights, trained, *images, "--json", "--not-sure", "0").stdout)
     assert [r["not_sure"] for r in sure] == [False, False]  # the flag wins over the stored threshold
+    for flags, answered in (([], 0.0), (["--not-sure", "0"], 1.0)):  # in --eval's report too
+        report = json.loads(predict_with(weights, trained, "--eval", split_data_dir / "val", "--json", *flags).stdout)
+        assert report["answered"] == answered
 
 
 def test_eval_reports_calibration_and_draws_a_reliability_diagram(trained, split_data_dir, tmp_path):
