@@ -109,9 +109,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=nin.ROOT / "NiN.onnx", help="the ONNX file (default: %(default)s)")
     p.add_argument("--check", type=Path, nargs="+", default=None, metavar="IMAGE",
                    help="images (or folders) to compare the export with predict.py on")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE,
-                   help="largest probability difference --check accepts (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help=f"largest probability difference --check accepts (default: {TOLERANCE})")
     args = p.parse_args()
+    if args.tolerance is not None and not args.check:
+        p.error("--tolerance is what --check accepts: give it with --check")
+    args.tolerance = TOLERANCE if args.tolerance is None else args.tolerance
     if not 0 < args.tolerance < 1:
         p.error("--tolerance must be between 0 and 1")
     nin.check_output_file(args.out, "--out")

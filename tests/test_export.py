@@ -58,5 +58,7 @@ def test_an_export_that_disagrees_is_refused(trained, tmp_path, monkeypatch):
     assert not (tmp_path / "bad.onnx").exists()  # a refused export is not left where an app would pick it up
 
 
-def test_export_refuses_bad_flags(tmp_path):
-    assert_clean_error(run("export.py", "--tolerance", "2", cwd=tmp_path, check=False), "--tolerance")
+@pytest.mark.parametrize("flags,named", [(["--tolerance", "2", "--check", "x.jpg"], "between 0 and 1"),
+                                         (["--tolerance", "0.01"], "give it with --check")])
+def test_export_refuses_bad_flags(tmp_path, flags, named):
+    assert_clean_error(run("export.py", *flags, cwd=tmp_path, check=False), named)
