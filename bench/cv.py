@@ -327,7 +327,6 @@ def main() -> None:
     source = args.source or split_data.DEFAULT_SOURCE
     if args.source is None and not source.is_dir():
         split_data.fetch_flower_photos(source, None)
-    args.source = source
     settings = {"folds": args.folds, "split_seed": args.split_seed, "source": str(source.resolve()),
                 "train_flags": flags}
     check_settings(args.out, settings)

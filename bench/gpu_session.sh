@@ -9,8 +9,8 @@
 #    the run's predicted wall time is from the actual one (issue: --time);
 # 2. 5-fold cross-validation of two recipes whose softmax mixing squeezes less than the default's, both without
 #    label smoothing, all ten runs at once on the one GPU: does one temperature then calibrate to an ECE of 2 % or
-#    less, and what does it cost in accuracy? (issue: calibration; without label smoothing alone the default
-#    recipe cross-fits to 2.29 % on the CPU, RESULTS.md);
+#    less, and what does it cost in accuracy? (issue: calibration; what the default recipe cross-fits to without
+#    label smoothing is in RESULTS.md, the entry "The default recipe without label smoothing");
 # 3. the tables and logs into OUT. Stops itself SECONDS (default 540) after it starts.
 set -u
 DATA=${1:?SQUARES_DIR}; OUT=${2:?OUT_DIR}; BUDGET=${3:-540}

@@ -10,7 +10,7 @@ Same model, batch size, image size and optimizer step in all three, measured one
 - classic: ImageFolder + per-sample PIL RandomResizedCrop/flip/ToTensor/Normalize + DataLoader workers.
 Needs data/train (python split_data.py). The one-off decoding of the cache is timed separately.
 
-Then two speed-ups that a CPU might want, each against the plain one in the same run:
+Then three settings that a CPU might want, each against the plain one in the same run:
 - the model-only training step at each thread count of --threads (torch's default is one per core);
 - the model-only training step in float32 and in bf16 autocast (on a CPU, train.py's `--amp auto` times these
   two and takes bf16 where it clearly pays; the three pipelines above run in bf16 on CUDA, in float32 elsewhere);
