@@ -268,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not ok:
             p.error(message)
     args.val_every = 1  # validate after every epoch; a --time plan may validate less often
-    args.plan_epochs = None  # a --time plan's epochs, which a run slowed down for a while may grow back to
+    args.plan_epochs = None  # a --time plan's first epochs, before any re-plan (a record, for the reader)
     return args
 
 
@@ -968,11 +968,11 @@ class Pace:
 
 
 def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_photos: int, run: Run) -> Pace:
-    """A few timed steps of a throwaway network on random images at each training size of the run (of its
-    --time plan, which a re-plan stays within), and one timed validation batch. The random-number streams are
+    """A few timed steps of a throwaway network on random images at each training size the run may have (a
+    --time plan's re-plans included), and one timed validation batch. The random-number streams are
     put back afterwards, so the run is the same as without the measurement."""
     batch = per_process_batch(args, run)
-    sizes = stage_sizes(args.start_size, args.image_size)[-(args.plan_epochs or args.epochs):]
+    sizes = stage_sizes(args.start_size, args.image_size)[-most_epochs(args):]
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         learner = Learner(make_model(num_classes, args), args, steps, run)
         side = nin.resize_size(args.image_size)
@@ -1084,11 +1084,17 @@ def estimate_decoding(train_set: ImageFolder, val_set: ImageFolder | None, args:
     return per_photo * (len(train_set) + len(val_set or []))
 
 
+def most_epochs(args: argparse.Namespace) -> int:
+    """The most epochs a run may have: its own, or under --time the recipe's EPOCHS, which a plan made while the
+    machine was slow may grow to once it runs faster."""
+    return EPOCHS if args.time else args.epochs
+
+
 def most_epochs_within(seconds: float, pace: Pace, args: argparse.Namespace, steps: int, epoch: int,
                        slowdown: float) -> int:
-    """The most epochs in all, from `epoch` up to the --time plan's own, whose epochs after `epoch` take at
-    most `seconds` at `slowdown` times the measured pace, validation included."""
-    for epochs in range(args.plan_epochs or args.epochs, epoch, -1):
+    """The most epochs in all, from `epoch` up to most_epochs(args), whose epochs after `epoch` take at most
+    `seconds` at `slowdown` times the measured pace, validation included."""
+    for epochs in range(most_epochs(args), epoch, -1):
         plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
         if slowdown * pace.seconds(plan, steps, epoch + 1) <= seconds:
             return epochs
@@ -1119,21 +1125,21 @@ class Clock:
     def epochs_that_fit(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
                         run: Run) -> int:
         """--time, after each epoch: how many epochs the run can have in all and still end within the limit, at
-        the pace of its last epochs (the machine may be slower than measured, or have slowed down for a
-        while). At most the plan's own epochs; fewer while the plan no longer fits (the caller lays the
-        learning-rate schedule and the training sizes out again for them), and back up as far as the time
-        left allows once the machine is fast again; `epoch` when not even one more epoch fits. Re-planning
+        the pace of its last epochs (the machine may be slower or faster than measured, or change its pace for
+        a while). Fewer while the plan no longer fits (the caller lays the learning-rate schedule and the
+        training sizes out again for them), and more, up to the recipe's EPOCHS, as far as the time left
+        allows while the machine runs faster; `epoch` when not even one more epoch fits. Re-planning
         rather than stopping at the limit keeps what makes the end of a run good: the learning rate annealed
         to 0 and the last epochs at the full image size. The same answer in every process."""
         if args.time is None:
             return args.epochs
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
         # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
-        slowdown = max(statistics.median(self.slowness[1:][-3:]), 1.0) if len(self.slowness) > 1 else 1.0
+        slowdown = statistics.median(self.slowness[1:][-3:]) if len(self.slowness) > 1 else 1.0
         done = self.spent() + slowdown * pace.val  # this epoch may be validated
         # A plan shrinks when it no longer ends within half the slack it was planned with (the other half
-        # stays for saving and drawing after the last epoch), and grows back only as far as it fits within the
-        # plan's own share: between the two, timing noise does not move it.
+        # stays for saving and drawing after the last epoch), and grows only as far as it fits within the plan's
+        # own share: between the two, timing noise does not move it.
         loose = most_epochs_within((1 + PLAN_SHARE) / 2 * args.time - done, pace, args, steps, epoch, slowdown)
         if loose == epoch < args.epochs:  # near the end: one last epoch, if it ends within the limit itself, makes
             # a shorter plan with its schedule finished, where stopping now would leave the learning rate above 0
@@ -1146,8 +1152,8 @@ class Clock:
                     f"{format_duration(args.time)} at this pace", write=tqdm.write)
         elif fits != args.epochs:
             run.say(f"at {1 / slowdown:.0%} of the measured pace: {fits} epochs in all instead of {args.epochs}, "
-                    f"to end within --time {format_duration(args.time)} (the learning rate and the training "
-                    f"sizes laid out again for them)", write=tqdm.write)
+                    f"to {'end within' if fits < args.epochs else 'fill'} --time {format_duration(args.time)} "
+                    f"(the learning rate and the training sizes laid out again for them)", write=tqdm.write)
         return fits
 
     def report(self, args: argparse.Namespace) -> str:

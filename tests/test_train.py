@@ -627,7 +627,7 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     assert checkpoint["args"]["time"] == 40 and checkpoint["seconds_spent"] <= 40
 
     # As if cut after epoch 1 with 15 s of the budget left, its plan shrunk to 2 epochs by a slow machine: the
-    # resumed run plans what is left of the budget, may grow back up to the first plan, and ends it properly.
+    # resumed run plans what is left of the budget, may grow again, and ends its plan properly.
     steps = checkpoint["scheduler"]["last_epoch"] // len(checkpoint["history"])
     checkpoint["epoch"], checkpoint["history"] = 1, checkpoint["history"][:1]
     checkpoint["scheduler"]["last_epoch"] = steps  # the learning rate restarts from there
@@ -641,7 +641,7 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     rows = nin.load_csv(tmp_path / "run" / "metrics.csv")
     saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert saved["seconds_spent"] > 25 and saved["args"]["epochs"] == len(rows) >= 2
-    assert saved["args"]["plan_epochs"] == planned  # what a later re-plan may grow back to
+    assert saved["args"]["plan_epochs"] == planned  # the first plan, kept for the record
     assert "stopping after" not in resumed.stdout and rows[-1]["size"] == "80" and rows[-1]["val_acc"] != ""
 
     saved["seconds_spent"] = 40.0  # finished, with all its time spent: nothing to train, and nothing wrong
@@ -661,59 +661,67 @@ def cpu_run():
                      torch.amp.GradScaler("cpu", enabled=False))
 
 
-def test_a_plan_shrinks_while_the_machine_runs_slower_than_measured_and_grows_back_after(monkeypatch):
+def test_a_plan_follows_the_pace_the_machine_runs_at(monkeypatch):
+    """A plan stays put while the machine keeps the measured pace, shrinks while it runs slower, and grows while
+    it runs faster: past its first plan (made while the machine was slow), up to the recipe's EPOCHS."""
     import train
 
     monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
-    args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
-    args.epochs = args.plan_epochs = 40
-    pace, steps = synthetic_pace(step=0.1, val=0.1), 10  # 1 s a 160-px epoch
-    on_pace = train.Clock()
-    on_pace.spent_before = 12.0
-    assert on_pace.epochs_that_fit(pace, args, steps, 10, pace.training(args, steps, 10), cpu_run()) == 40
-
+    pace, steps, budget = synthetic_pace(step=0.1, val=0.1), 10, 100.0  # 0.7 s a 112-px epoch, 1 s a 160-px one
+    recipe = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
+    args = train.fit_epochs(recipe, pace, steps, available=train.PLAN_SHARE * budget, budget=budget)
+    planned = args.plan_epochs = args.epochs
+    assert 40 < planned < train.EPOCHS  # all 120 epochs would not fit: there is room to grow
     clock = train.Clock()
-    for epoch in (1, 2, 3, 4):  # twice the measured pace from epoch 2 on
-        clock.spent_before = 50.0
-        seconds = (1 if epoch == 1 else 2) * pace.training(args, steps, epoch)
-        fits = clock.epochs_that_fit(pace, args, steps, epoch, seconds, cpu_run())
-    assert 4 < fits < 40
 
-    def left(share: float, slowdown: float) -> float:
-        return share * 100 - clock.spent() - slowdown * pace.val
+    def after_epoch(epoch: int, speed: float) -> int:
+        """Epoch `epoch` took `speed` times the measured pace, validation included: the plan after it."""
+        training = speed * pace.training(args, steps, epoch)
+        clock.spent_before += training + (speed * pace.val if train.validates(epoch, args.epochs, args.val_every)
+                                          else 0.0)
+        args.epochs = clock.epochs_that_fit(pace, args, steps, epoch, training, cpu_run())  # as train.py does
+        return args.epochs
 
-    def rest(epochs: int, slowdown: float, after: int) -> float:
+    def fills(epochs: int, speed: float, after: int, share: float) -> bool:
+        """Whether the epochs after `after` of an `epochs`-epoch plan end within `share` of the budget."""
         plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
-        return sum(slowdown * (pace.training(plan, steps, e) + pace.val) for e in range(after + 1, epochs + 1))
-    # The most epochs that end on time at the slower pace, keeping half the plan's slack for the end
-    assert rest(fits, 2, 4) <= left((1 + train.PLAN_SHARE) / 2, 2) < rest(fits + 1, 2, 4)
+        return speed * pace.seconds(plan, steps, after + 1) <= share * budget - clock.spent() - speed * pace.val
 
-    args.epochs = fits  # as train.py does
-    for epoch in (5, 6, 7):  # the measured pace again
-        clock.spent_before = 68.0
-        grown = clock.epochs_that_fit(pace, args, steps, epoch, pace.training(args, steps, epoch), cpu_run())
-    assert fits < grown < 40  # more than while slowed, fewer than planned: the slow epochs took their time
-    assert rest(grown, 1, 7) <= left(train.PLAN_SHARE, 1) < rest(grown + 1, 1, 7)  # within the plan's own share
-    args.epochs = grown
-    clock.spent_before = 70.0  # epoch 8 took a second longer than measured: noise, not enough to re-plan
-    assert clock.epochs_that_fit(pace, args, steps, 8, pace.training(args, steps, 8), cpu_run()) == grown
+    assert [after_epoch(epoch, 1.0) for epoch in range(1, 6)] == [planned] * 5  # on pace: the plan stands
 
-    clock.spent_before = 99.5
-    assert clock.epochs_that_fit(pace, args, steps, 9, pace.training(args, steps, 9), cpu_run()) == 9  # stop
+    for epoch in range(6, 10):  # a tenth faster than measured: three epochs make the median of the last three
+        grown = after_epoch(epoch, 0.9)
+    assert planned < grown < train.EPOCHS  # past the first plan, as far as the time left allows
+    assert fills(grown, 0.9, 9, train.PLAN_SHARE) and not fills(grown + 1, 0.9, 9, train.PLAN_SHARE)
+    clock.spent_before += 1.0  # a second lost between epochs: noise, not enough to re-plan
+    assert after_epoch(10, 0.9) == grown
+
+    for epoch in range(11, 15):  # twice as slow
+        shrunk = after_epoch(epoch, 2.0)
+    assert 14 < shrunk < planned
+    # the most epochs that end on time at the slower pace, keeping half the plan's slack for the end
+    half_slack = (1 + train.PLAN_SHARE) / 2
+    assert fills(shrunk, 2.0, 14, half_slack) and not fills(shrunk + 1, 2.0, 14, half_slack)
+
+    for epoch in range(15, 19):  # twice as fast: room for the whole recipe, and no more
+        fastest = after_epoch(epoch, 0.5)
+    assert fastest == train.EPOCHS
+
+    clock.spent_before = budget - 0.5
+    assert after_epoch(19, 0.5) == 19  # no time left for another epoch: stop
 
 
-def test_a_resumed_plan_that_had_shrunk_measures_all_its_sizes_and_grows_back(monkeypatch):
+def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     import train
 
     monkeypatch.setattr(train, "timed", lambda work, run: 0.05)  # every timed step: 0.05 s, without the work
     args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
     args.epochs, args.plan_epochs = 2, 40  # as saved by a run that shrank its 40-epoch plan to 2, then was cut
     pace = train.measure_pace(args, num_classes=3, steps=10, val_photos=10, run=cpu_run())
-    assert set(pace.step) == {112, 128, 144, 160}  # every size of the 40-epoch plan, not only the last two's
+    assert set(pace.step) == {112, 128, 144, 160}  # every size a re-plan may lay out, not only the last two's
     resumed = train.Clock()
-    resumed.spent_before = 50.0  # 50 s left: the 38 epochs after epoch 2, at 0.55 s each, fit
-    assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 40
-
+    resumed.spent_before = 50.0  # 45 s of the plan's share left: 81 more epochs at 0.55 s each fit
+    assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 2 + 81
 
 @pytest.mark.parametrize("bf16_seconds,chosen,said", [(0.5, "bf16", "bf16 autocast"), (0.9, "off", "float32"),
                                                         (2.0, "off", "float32")])
