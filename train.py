@@ -138,7 +138,7 @@ def main() -> None:
             train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
                                                     desc=f"epoch {epoch}/{args.epochs} ({size} px)")
             fits = clock.epochs_that_fit(pace, args, data.steps, epoch, time.perf_counter() - start, run)
-            if fits != args.epochs:  # --time on a machine slower than measured, or that has sped up again
+            if fits != args.epochs:  # --time on a machine slower or faster than measured
                 args.epochs = fits
                 learner.reschedule(fits)
             last = epoch == args.epochs

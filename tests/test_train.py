@@ -661,6 +661,19 @@ def cpu_run():
                      torch.amp.GradScaler("cpu", enabled=False))
 
 
+def simulated_epoch(clock, pace, args, steps: int, epoch: int, speed: float) -> int:
+    """Epoch `epoch` trained at `speed` times the measured pace: the plan after it, as train.py re-plans (and
+    then validates, at the same pace). The clock has to be one whose spent() is its spent_before."""
+    import train
+
+    training = speed * pace.training(args, steps, epoch)
+    clock.spent_before += training
+    args.epochs = clock.epochs_that_fit(pace, args, steps, epoch, training, cpu_run())
+    if train.validates(epoch, args.epochs, args.val_every):
+        clock.spent_before += speed * pace.val
+    return args.epochs
+
+
 def test_a_plan_follows_the_pace_the_machine_runs_at(monkeypatch):
     """A plan stays put while the machine keeps the measured pace, shrinks while it runs slower, and grows while
     it runs faster: past its first plan (made while the machine was slow), up to the recipe's EPOCHS."""
@@ -675,12 +688,7 @@ def test_a_plan_follows_the_pace_the_machine_runs_at(monkeypatch):
     clock = train.Clock()
 
     def after_epoch(epoch: int, speed: float) -> int:
-        """Epoch `epoch` took `speed` times the measured pace, validation included: the plan after it."""
-        training = speed * pace.training(args, steps, epoch)
-        clock.spent_before += training + (speed * pace.val if train.validates(epoch, args.epochs, args.val_every)
-                                          else 0.0)
-        args.epochs = clock.epochs_that_fit(pace, args, steps, epoch, training, cpu_run())  # as train.py does
-        return args.epochs
+        return simulated_epoch(clock, pace, args, steps, epoch, speed)
 
     def fills(epochs: int, speed: float, after: int, share: float) -> bool:
         """Whether the epochs after `after` of an `epochs`-epoch plan end within `share` of the budget."""
@@ -711,12 +719,31 @@ def test_a_plan_follows_the_pace_the_machine_runs_at(monkeypatch):
     assert after_epoch(19, 0.5) == 19  # no time left for another epoch: stop
 
 
+@pytest.mark.parametrize("paces", [[0.5] * 20 + [1.0] * 200, [0.5] * 20 + [2.0] * 200, [0.5, 0.5, 0.5, 1.0] * 60,
+                                   [0.5] * 5 + [1.0] * 3 + [0.5] * 3 + [2.0] * 200, [1.0, 2.0, 2.0, 0.5] * 60])
+def test_a_run_whose_pace_switches_ends_within_its_budget(monkeypatch, paces):
+    """Planned at the measured pace; the machine then runs at `paces` (times the measured pace), epoch by epoch:
+    growing while it is fast must not make the run end past its --time when it slows down again."""
+    import train
+
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
+    pace, steps, budget = synthetic_pace(step=0.1, val=0.1), 10, 100.0
+    recipe = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
+    args = train.fit_epochs(recipe, pace, steps, available=train.PLAN_SHARE * budget, budget=budget)
+    clock, epoch, plans = train.Clock(), 0, set()
+    while epoch < args.epochs:
+        epoch += 1
+        plans.add(simulated_epoch(clock, pace, args, steps, epoch, paces[epoch - 1]))
+    assert clock.spent() <= budget
+    assert max(plans) > min(plans) and epoch == args.epochs  # it did re-plan, and ended its last plan
+
+
 def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     import train
 
     monkeypatch.setattr(train, "timed", lambda work, run: 0.05)  # every timed step: 0.05 s, without the work
     args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
-    args.epochs, args.plan_epochs = 2, 40  # as saved by a run that shrank its 40-epoch plan to 2, then was cut
+    args.epochs = args.plan_epochs = 2  # as saved by a run that planned 2 epochs (the machine measured slow)
     pace = train.measure_pace(args, num_classes=3, steps=10, val_photos=10, run=cpu_run())
     assert set(pace.step) == {112, 128, 144, 160}  # every size a re-plan may lay out, not only the last two's
     resumed = train.Clock()
