@@ -915,11 +915,13 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
                 "label_smoothing": 0.2, "weight_decay": 1e-3}
 # A budget that fits this many epochs of the default recipe gets it even while the short recipe would not fit
-# all of its own epochs (on a GPU, where small images save less time): mixup and CutMix pay in long runs
-# (bench/RESULTS.md, sweeps B and C). Below it, the default recipe still gets the budget once the short
-# recipe's whole run fits with time to spare: the spare time would go unused, and cross-validated on two CPU
-# cores, 30 minutes of the default recipe scored as well as the short recipe's whole run and calibrated better.
-MIN_DEFAULT_EPOCHS = 90
+# all of its own epochs: cross-validated on two CPU cores (bench/RESULTS.md), about 50 epochs of the default
+# recipe scored as well as the short recipe's whole run, so at least as well as fewer of its epochs. It also
+# matters because the recipe is chosen once: a run whose timed steps caught the machine in a slow moment plans
+# fewer epochs than will fit, and a plan may grow to its recipe's epochs but never changes recipe. Below it,
+# the default recipe still gets the budget once the short recipe's whole run fits with time to spare: the
+# spare time would go unused, and the default recipe calibrates better.
+MIN_DEFAULT_EPOCHS = 50
 PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs saving, drawing and noise
 VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
 VAL_LAST_EPOCHS = 3  # ... but the last epochs are always validated

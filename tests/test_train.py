@@ -572,12 +572,13 @@ def short_sizes_cheap_pace():
     minutes with time to spare, and fewer than MIN_DEFAULT_EPOCHS of the default recipe."""
     import train
 
-    return train.Pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 10.0, 144: 10.0, 160: 10.0}, val=0.1)
+    return train.Pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 20.0, 144: 20.0, 160: 20.0}, val=0.1)
 
 
 @pytest.mark.parametrize("pace,recipe", [(lambda: synthetic_pace(0.01, val=0.1), "default"),
                                          (lambda: synthetic_pace(20.0, val=0.1), "short"),
-                                         (short_sizes_cheap_pace, "default, fewer epochs")])
+                                         (short_sizes_cheap_pace, "default, fewer epochs"),
+                                         (lambda: synthetic_pace(9.0, val=0.1), "default, a slow machine")])
 def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, pace, recipe):
     import train
 
@@ -595,9 +596,12 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     elif recipe == "short":  # 20 s a step: too few epochs of either recipe, so the short one, with what fits of it
         assert all(getattr(args, name) == value for name, value in train.SHORT_RECIPE.items() if name != "weight_decay")
         assert args.epochs < train.EPOCHS
-    else:  # the short recipe's whole run would leave time unused: the default recipe, with what fits of it
+    else:  # the default recipe, with what fits of it
         assert (args.image_size, args.mixup, args.batch_size) == (nin.IMAGE_SIZE, train.MIXUP, train.BATCH_SIZE)
-        assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS
+        if recipe == "default, fewer epochs":  # ... as the short recipe's whole run would leave time unused
+            assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS
+        else:  # 9 s a step: about half of the short recipe's epochs fit, and more than MIN_DEFAULT_EPOCHS of these
+            assert train.MIN_DEFAULT_EPOCHS <= args.epochs < train.EPOCHS
 
 
 def predicted_seconds(stdout: str) -> float:
