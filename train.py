@@ -1019,12 +1019,16 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     """The settings that fill --time here: the default recipe with as many epochs as fit (at most its own),
     or, while neither MIN_DEFAULT_EPOCHS of it nor all the short recipe's epochs fit, the short recipe with as
     many epochs as fit. Flags given on the command line are kept in both. Decoding is estimated from a sample
-    of photos. Under torchrun every process measures both recipes and the first one's choice is everyone's."""
+    of photos. Flags that set everything the short recipe changes leave one candidate, planned alone. Under
+    torchrun every process measures the candidates and the first one's choice is everyone's."""
     train_set, val_set = photos
     num_classes, val_photos = len(train_set.classes), len(val_set or [])
     short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
+    # Flags that set everything the two recipes differ in leave one candidate: measure it once, and do not call
+    # the user's own settings the short recipe
+    recipes = [("the default recipe", {}), ("the short recipe", short)] if short else [("your flags' recipe", {})]
     plans = []
-    for name, recipe in (("default", {}), ("short", short)):
+    for name, recipe in recipes:
         candidate = argparse.Namespace(**{**vars(args), **recipe, "epochs": EPOCHS})
         steps = steps_per_epoch(len(train_set), per_process_batch(candidate, run), run.world)
         pace = measure_pace(candidate, num_classes, steps, val_photos, run)
@@ -1032,9 +1036,9 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         available = PLAN_SHARE * args.time - clock.spent() - decoding
         plans.append((name, candidate, pace, steps, decoding,
                       fit_epochs(candidate, pace, steps, available, args.time)))
-    default_plan, short_plan = plans[0][-1], plans[1][-1]
-    default_fits = default_plan is not None and (default_plan.epochs >= MIN_DEFAULT_EPOCHS
-                                                 or (short_plan is not None and short_plan.epochs == EPOCHS))
+    default_plan, short_plan = plans[0][-1], plans[-1][-1]
+    default_fits = len(plans) == 1 or (default_plan is not None and (
+        default_plan.epochs >= MIN_DEFAULT_EPOCHS or (short_plan is not None and short_plan.epochs == EPOCHS)))
     name, candidate, pace, steps, decoding, fitted = plans[0 if default_fits else 1]
     if fitted is None:
         one_epoch = steps * min(pace.step.values()) + pace.val
@@ -1047,11 +1051,15 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         candidate, pace = next((c, p) for n, c, p, *_ in plans if n == name)
         fitted = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
     fitted.plan_epochs = fitted.epochs
-    run.say(f"--time {format_duration(args.time)}: the {name} recipe, {fitted.epochs} "
+    run.say(f"--time {format_duration(args.time)}: {name}, {fitted.epochs} "
             f"epoch{'' if fitted.epochs == 1 else 's'} at "
             f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
             + ("every epoch" if fitted.val_every == 1 else f"every {fitted.val_every} epochs and the last "
                f"{VAL_LAST_EPOCHS}") + f" (about {format_duration(decoding)} to decode first)")
+    if name == "the short recipe":  # why not the default one: what a longer budget or a faster machine buys
+        default_epochs = default_plan.epochs if default_plan else 0
+        run.say(f"  (only {default_epochs} epoch{'' if default_epochs == 1 else 's'} of the default recipe fit here; "
+                f"it gets the budget from {MIN_DEFAULT_EPOCHS})")
     return fitted, pace
 
 

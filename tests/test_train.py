@@ -579,7 +579,7 @@ def short_sizes_cheap_pace():
                                          (lambda: synthetic_pace(20.0, val=0.1), "short"),
                                          (short_sizes_cheap_pace, "default, fewer epochs"),
                                          (lambda: synthetic_pace(9.0, val=0.1), "default, a slow machine")])
-def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, pace, recipe):
+def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, capsys, pace, recipe):
     import train
 
     monkeypatch.setattr(train, "measure_pace", lambda args, *rest: pace())
@@ -596,12 +596,35 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     elif recipe == "short":  # 20 s a step: too few epochs of either recipe, so the short one, with what fits of it
         assert all(getattr(args, name) == value for name, value in train.SHORT_RECIPE.items() if name != "weight_decay")
         assert args.epochs < train.EPOCHS
+        default_epochs = re.search(r"only (\d+) epochs? of the default recipe fit", capsys.readouterr().out)
+        assert default_epochs and 0 < int(default_epochs.group(1)) < train.MIN_DEFAULT_EPOCHS  # it says why
     else:  # the default recipe, with what fits of it
         assert (args.image_size, args.mixup, args.batch_size) == (nin.IMAGE_SIZE, train.MIXUP, train.BATCH_SIZE)
         if recipe == "default, fewer epochs":  # ... as the short recipe's whole run would leave time unused
             assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS
         else:  # 9 s a step: about half of the short recipe's epochs fit, and more than MIN_DEFAULT_EPOCHS of these
             assert train.MIN_DEFAULT_EPOCHS <= args.epochs < train.EPOCHS
+
+
+def test_flags_that_set_both_recipes_plan_one_candidate(monkeypatch, split_data_dir, capsys):
+    """Flags that set everything the short recipe changes leave nothing to choose: one measurement, and the plan
+    names the flags' recipe instead of calling it the short one, even where few of its epochs fit."""
+    import train
+
+    measured = []
+    monkeypatch.setattr(train, "measure_pace", lambda args, *rest: measured.append(args) or synthetic_pace(20.0, 0.1))
+    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
+    run_ = train.Run(torch.device("cpu"), 0, 1, torch.autocast("cpu", enabled=False),
+                     torch.amp.GradScaler("cpu", enabled=False))
+    photos = (train.find_images(split_data_dir / "train"), train.find_val_images(split_data_dir / "val"))
+    argv = ["--time", "10m", "--image-size", "160", "--start-size", "112", "--batch-size", "64", "--mixup", "0.2",
+            "--cutmix", "1", "--label-smoothing", "0", "--weight-decay", "5e-4"]
+    args, _ = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), run_)
+    assert len(measured) == 1
+    assert (args.image_size, args.batch_size, args.mixup) == (160, 64, 0.2)
+    assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS  # so the old rule would have taken the "short" candidate
+    out = capsys.readouterr().out
+    assert "your flags' recipe" in out and "short recipe" not in out
 
 
 def predicted_seconds(stdout: str) -> float:
