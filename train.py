@@ -1024,8 +1024,7 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     train_set, val_set = photos
     num_classes, val_photos = len(train_set.classes), len(val_set or [])
     short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
-    # Flags that set everything the two recipes differ in leave one candidate: measure it once, and do not call
-    # the user's own settings the short recipe
+    # one candidate when the flags leave the short recipe nothing to change: never measured twice, nor called short
     recipes = [("the default recipe", {}), ("the short recipe", short)] if short else [("your flags' recipe", {})]
     plans = []
     for name, recipe in recipes:
