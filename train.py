@@ -1041,7 +1041,8 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     name, candidate, pace, steps, decoding, fitted = plans[0 if default_fits else 1]
     if fitted is None:
         one_epoch = steps * min(pace.step.values()) + pace.val
-        raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: decoding takes about "
+        raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: starting and timing this "
+                           f"machine took {format_duration(clock.spent())}, decoding takes about "
                            f"{format_duration(decoding)} and one epoch about {format_duration(one_epoch)}")
     if dist.is_initialized():  # the processes' clocks differ a little: the first one's plan is everyone's
         choice = [(name, fitted.epochs, fitted.val_every)]

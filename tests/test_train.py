@@ -625,6 +625,10 @@ def test_flags_that_set_both_recipes_plan_one_candidate(monkeypatch, split_data_
     assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS  # so the old rule would have taken the "short" candidate
     out = capsys.readouterr().out
     assert "your flags' recipe" in out and "short recipe" not in out
+    too_short = ["--time", "5s"]  # the error says where the time went: a budget spent before training starts
+    with pytest.raises(nin.CLIError, match="too short here: starting and timing this machine took"):
+        train.plan_for_budget(train.parse_args(too_short), train.explicit_flags(too_short), photos, train.Clock(),
+                              run_)
 
 
 def predicted_seconds(stdout: str) -> float:
