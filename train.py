@@ -84,6 +84,10 @@ FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this oft
 # --amp auto on a CPU takes bf16 only where it clearly pays: two timed steps are noisy, and a close call is not
 # worth bf16's coarser arithmetic.
 BF16_SHARE = 0.8
+# ... and stops timing bf16 after its first step when that alone takes longer than this many float32 steps:
+# bf16 emulated in software is many times slower than float32, so each further step of it would take a good
+# part of a small --time budget, while native bf16 would need one-off costs of several whole steps to come near.
+EMULATED_BF16 = 4
 PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast"}
 
 
@@ -372,10 +376,11 @@ def start_run(device_name: str | None) -> Run:
 def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, bf16 where a step in it takes at most
     BF16_SHARE of a float32 step. A CPU with native bf16 (AMX, AVX512-BF16) about halves the step; one without
-    emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name. Timed at the
-    full size of the flags' recipe, before a --time plan may choose a smaller one: a CPU that has bf16 has it at
-    every size. Decided per process start, like --device: a resumed run may be on another machine. Under
-    torchrun every process takes the first one's choice."""
+    emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name (bf16 no further
+    than its first step when that alone is EMULATED_BF16 float32 steps long). Timed at the full size of the flags'
+    recipe, before a --time plan may choose a smaller one: a CPU that has bf16 has it at every size. Decided per
+    process start, like --device: a resumed run may be on another machine. Under torchrun every process takes
+    the first one's choice."""
     if args.amp == "fp16" and run.device.type == "cpu":
         raise nin.CLIError("--amp fp16 is for GPUs: on a CPU use bf16 or off")
     if args.amp != "auto":
@@ -383,12 +388,14 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     if run.device.type != "cpu":
         run.say(f"--amp auto: bf16 autocast on {run.device.type}")
         return "bf16"
-    seconds = {amp: full_size_step_seconds(args, num_classes, amp, run) for amp in ("off", "bf16")}
-    choice = ["bf16" if seconds["bf16"] <= BF16_SHARE * seconds["off"] else "off"]
+    off = full_size_step_seconds(args, num_classes, "off", run)
+    bf16 = full_size_step_seconds(args, num_classes, "bf16", run, give_up=EMULATED_BF16 * off)
+    choice = ["bf16" if bf16 <= BF16_SHARE * off else "off"]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
-    run.say(f"--amp auto: {PRECISION_NAMES[choice[0]]} on this CPU (a bf16 step took "
-            f"{seconds['bf16'] / seconds['off']:.0%} of a float32 one)")
+    took = (f"its first bf16 step took over {EMULATED_BF16} float32 steps: emulated, not timed further"
+            if math.isinf(bf16) else f"a bf16 step took {bf16 / off:.0%} of a float32 one")
+    run.say(f"--amp auto: {PRECISION_NAMES[choice[0]]} on this CPU ({took})")
     return choice[0]
 
 
@@ -969,10 +976,12 @@ class Pace:
         return steps * self.step[training_size(epoch, args.epochs, args.start_size, args.image_size)]
 
 
-def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_photos: int, run: Run) -> Pace:
+def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_photos: int, run: Run,
+                 give_up: float = math.inf) -> Pace:
     """A few timed steps of a throwaway network on random images at each training size the run may have (a
-    --time plan's re-plans included), and one timed validation batch. The random-number streams are
-    put back afterwards, so the run is the same as without the measurement."""
+    --time plan's re-plans included), and one timed validation batch; a size whose first step takes longer than
+    give_up seconds is timed no further (math.inf). The random-number streams are put back afterwards, so the
+    run is the same as without the measurement."""
     batch = per_process_batch(args, run)
     sizes = stage_sizes(args.start_size, args.image_size)[-most_epochs(args):]
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
@@ -980,7 +989,7 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
         side = nin.resize_size(args.image_size)
         images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=run.device)
         labels = torch.randint(0, num_classes, (batch,), device=run.device)
-        step = {size: timed(lambda size=size: learner.step(images, labels, size), run) for size in sizes}
+        step = {size: timed(lambda size=size: learner.step(images, labels, size), run, give_up) for size in sizes}
         if val_photos == 0:
             return Pace(step, 0.0)
         n = min(val_photos, VAL_BATCH)
@@ -991,22 +1000,28 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
     return Pace(step, batch_seconds * val_photos / n)
 
 
-def full_size_step_seconds(args: argparse.Namespace, num_classes: int, amp: str, run: Run) -> float:
-    """Seconds per training step at the run's full image size in this precision (for --amp auto)."""
+def full_size_step_seconds(args: argparse.Namespace, num_classes: int, amp: str, run: Run,
+                           give_up: float = math.inf) -> float:
+    """Seconds per training step at the run's full image size in this precision (for --amp auto); math.inf
+    when the first step alone takes longer than give_up seconds."""
     trial = replace(run)
     trial.use_amp(amp)
     full_size_only = argparse.Namespace(**{**vars(args), "start_size": 0})
-    return measure_pace(full_size_only, num_classes, 1, 0, trial).step[args.image_size]
+    return measure_pace(full_size_only, num_classes, 1, 0, trial, give_up).step[args.image_size]
 
 
-def timed(work: Callable[[], object], run: Run) -> float:
-    """Seconds per call of work(), over TIMED_STEPS calls after an untimed one."""
+def timed(work: Callable[[], object], run: Run, give_up: float = math.inf) -> float:
+    """Seconds per call of work(), over TIMED_STEPS calls after a first one that pays the one-off costs; math.inf
+    when that first call alone took longer than give_up seconds (already too slow for the caller)."""
     def sync() -> None:
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
 
+    start = time.perf_counter()
     work()
     sync()
+    if time.perf_counter() - start > give_up:
+        return math.inf
     start = time.perf_counter()
     for _ in range(TIMED_STEPS):
         work()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import math
 import os
 import re
 import shutil
@@ -772,7 +773,7 @@ def test_a_run_whose_pace_switches_ends_within_its_budget(monkeypatch, paces):
 def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     import train
 
-    monkeypatch.setattr(train, "timed", lambda work, run: 0.05)  # every timed step: 0.05 s, without the work
+    monkeypatch.setattr(train, "timed", lambda work, run, give_up=math.inf: 0.05)  # each timed step: 0.05 s, no work
     args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
     args.epochs = args.plan_epochs = 2  # as saved by a run that planned 2 epochs (the machine measured slow)
     pace = train.measure_pace(args, num_classes=3, steps=10, val_photos=10, run=cpu_run())
@@ -781,23 +782,44 @@ def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     resumed.spent_before = 50.0  # 45 s of the plan's share left: 81 more epochs at 0.55 s each fit
     assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 2 + 81
 
-@pytest.mark.parametrize("bf16_seconds,chosen,said", [(0.5, "bf16", "bf16 autocast"), (0.9, "off", "float32"),
-                                                        (2.0, "off", "float32")])
+@pytest.mark.parametrize("bf16_seconds,chosen,said", [
+    (1.0, "bf16", "bf16 autocast on this CPU (a bf16 step took 50% of a float32 one)"),
+    (1.8, "off", "float32 on this CPU (a bf16 step took 90% of a float32 one)"),
+    (4.0, "off", "float32 on this CPU (a bf16 step took 200% of a float32 one)"),
+    (math.inf, "off",
+     "float32 on this CPU (its first bf16 step took over 4 float32 steps: emulated, not timed further)")])
 def test_amp_auto_takes_bf16_on_a_cpu_only_where_it_clearly_pays(monkeypatch, capsys, bf16_seconds, chosen, said):
     import train
 
-    monkeypatch.setattr(train, "full_size_step_seconds",
-                        lambda args, classes, amp, run: bf16_seconds if amp == "bf16" else 1.0)
+    give_ups = []
+
+    def step_seconds(args, classes, amp, run, give_up=math.inf):
+        give_ups.append(give_up)
+        return bf16_seconds if amp == "bf16" else 2.0
+
+    monkeypatch.setattr(train, "full_size_step_seconds", step_seconds)
     args = train.parse_args([])
     assert train.choose_amp(args, 3, cpu_run()) == chosen
-    assert (f"--amp auto: {said} on this CPU (a bf16 step took {bf16_seconds:.0%} of a float32 one)"
-            in capsys.readouterr().out)
+    assert f"--amp auto: {said}" in capsys.readouterr().out
+    assert give_ups == [math.inf, 8.0]  # float32 timed in full; bf16 given up after a first step over 4 of its steps
     assert train.choose_amp(train.parse_args(["--amp", "off"]), 3, cpu_run()) == "off"  # given: kept
     gpu_run = dataclasses.replace(cpu_run(), device=torch.device("cuda"))
     assert train.choose_amp(args, 3, gpu_run) == "bf16"  # not timed
     assert "--amp auto: bf16 autocast on cuda" in capsys.readouterr().out
     with pytest.raises(nin.CLIError, match="--amp fp16 is for GPUs"):
         train.choose_amp(train.parse_args(["--amp", "fp16"]), 3, cpu_run())
+
+
+def test_a_timing_that_has_already_lost_stops_after_its_first_call():
+    import train
+
+    calls = []
+
+    def work():
+        calls.append(time.sleep(0.02))
+
+    assert train.timed(work, cpu_run(), give_up=0.01) == math.inf and len(calls) == 1
+    assert math.isfinite(train.timed(work, cpu_run(), give_up=10.0)) and len(calls) == 1 + 1 + train.TIMED_STEPS
 
 
 def test_resume_keeps_the_runs_amp_unless_the_command_line_gives_one(trained, tmp_path):
