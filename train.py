@@ -84,10 +84,11 @@ FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this oft
 # --amp auto on a CPU takes bf16 only where it clearly pays: two timed steps are noisy, and a close call is not
 # worth bf16's coarser arithmetic.
 BF16_SHARE = 0.8
-# ... and stops timing bf16 after its first step when that alone takes longer than this many float32 steps:
-# bf16 emulated in software is many times slower than float32, so each further step of it would take a good
-# part of a small --time budget, while native bf16 would need one-off costs of several whole steps to come near.
-EMULATED_BF16 = 4
+# ... and stops timing bf16 after its first step when that alone takes longer than this many float32 steps (and
+# over a second): bf16 emulated in software is many times slower than float32, so each further step of it would
+# take a good part of a small --time budget. Native bf16's first step pays one-off costs too (its kernels are
+# built for each shape), but those come near several whole steps only where steps are tiny, and cheap to time.
+EMULATED_BF16_STEPS = 4
 PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast"}
 
 
@@ -377,10 +378,10 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, bf16 where a step in it takes at most
     BF16_SHARE of a float32 step. A CPU with native bf16 (AMX, AVX512-BF16) about halves the step; one without
     emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name (bf16 no further
-    than its first step when that alone is EMULATED_BF16 float32 steps long). Timed at the full size of the flags'
-    recipe, before a --time plan may choose a smaller one: a CPU that has bf16 has it at every size. Decided per
-    process start, like --device: a resumed run may be on another machine. Under torchrun every process takes
-    the first one's choice."""
+    than its first step when that alone is longer than EMULATED_BF16_STEPS float32 steps). Timed at the full size
+    of the flags' recipe, before a --time plan may choose a smaller one: a CPU that has bf16 has it at every size.
+    Decided per process start, like --device: a resumed run may be on another machine. Under torchrun every
+    process takes the first one's choice."""
     if args.amp == "fp16" and run.device.type == "cpu":
         raise nin.CLIError("--amp fp16 is for GPUs: on a CPU use bf16 or off")
     if args.amp != "auto":
@@ -389,12 +390,12 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
         run.say(f"--amp auto: bf16 autocast on {run.device.type}")
         return "bf16"
     off = full_size_step_seconds(args, num_classes, "off", run)
-    bf16 = full_size_step_seconds(args, num_classes, "bf16", run, give_up=EMULATED_BF16 * off)
+    bf16 = full_size_step_seconds(args, num_classes, "bf16", run, give_up=max(EMULATED_BF16_STEPS * off, 1.0))
     choice = ["bf16" if bf16 <= BF16_SHARE * off else "off"]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
-    took = (f"its first bf16 step took over {EMULATED_BF16} float32 steps: emulated, not timed further"
-            if math.isinf(bf16) else f"a bf16 step took {bf16 / off:.0%} of a float32 one")
+    took = (f"its first bf16 step alone took over {EMULATED_BF16_STEPS} float32 steps: bf16 looks emulated here, "
+            "not timed further" if math.isinf(bf16) else f"a bf16 step took {bf16 / off:.0%} of a float32 one")
     run.say(f"--amp auto: {PRECISION_NAMES[choice[0]]} on this CPU ({took})")
     return choice[0]
 
@@ -1020,7 +1021,8 @@ def timed(work: Callable[[], object], run: Run, give_up: float = math.inf) -> fl
     start = time.perf_counter()
     work()
     sync()
-    if time.perf_counter() - start > give_up:
+    # under torchrun the processes step together (DistributedDataParallel): all give up, or none
+    if all_reduce_sum(torch.tensor(float(time.perf_counter() - start > give_up), device=run.device)).item() > 0:
         return math.inf
     start = time.perf_counter()
     for _ in range(TIMED_STEPS):

@@ -787,21 +787,25 @@ def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     (1.8, "off", "float32 on this CPU (a bf16 step took 90% of a float32 one)"),
     (4.0, "off", "float32 on this CPU (a bf16 step took 200% of a float32 one)"),
     (math.inf, "off",
-     "float32 on this CPU (its first bf16 step took over 4 float32 steps: emulated, not timed further)")])
+     "float32 on this CPU (its first bf16 step alone took over 4 float32 steps: bf16 looks emulated here, not "
+     "timed further)")])
 def test_amp_auto_takes_bf16_on_a_cpu_only_where_it_clearly_pays(monkeypatch, capsys, bf16_seconds, chosen, said):
     import train
 
-    give_ups = []
+    give_ups, float32_seconds = [], 2.0
 
     def step_seconds(args, classes, amp, run, give_up=math.inf):
         give_ups.append(give_up)
-        return bf16_seconds if amp == "bf16" else 2.0
+        return bf16_seconds if amp == "bf16" else float32_seconds
 
     monkeypatch.setattr(train, "full_size_step_seconds", step_seconds)
     args = train.parse_args([])
     assert train.choose_amp(args, 3, cpu_run()) == chosen
     assert f"--amp auto: {said}" in capsys.readouterr().out
     assert give_ups == [math.inf, 8.0]  # float32 timed in full; bf16 given up after a first step over 4 of its steps
+    float32_seconds = 0.01
+    train.choose_amp(args, 3, cpu_run())
+    assert give_ups[-1] == 1.0  # ... or over a second, where steps are tiny
     assert train.choose_amp(train.parse_args(["--amp", "off"]), 3, cpu_run()) == "off"  # given: kept
     gpu_run = dataclasses.replace(cpu_run(), device=torch.device("cuda"))
     assert train.choose_amp(args, 3, gpu_run) == "bf16"  # not timed
@@ -816,7 +820,8 @@ def test_a_timing_that_has_already_lost_stops_after_its_first_call():
     calls = []
 
     def work():
-        calls.append(time.sleep(0.02))
+        calls.append("called")
+        time.sleep(0.02)
 
     assert train.timed(work, cpu_run(), give_up=0.01) == math.inf and len(calls) == 1
     assert math.isfinite(train.timed(work, cpu_run(), give_up=10.0)) and len(calls) == 1 + 1 + train.TIMED_STEPS
@@ -841,6 +846,7 @@ def test_timing_a_precision_leaves_the_run_and_its_random_numbers_as_they_were()
     before = torch.random.get_rng_state()
     args = train.parse_args(["--image-size", "64", "--batch-size", "4"])
     assert train.full_size_step_seconds(args, 3, "bf16", run_) > 0
+    assert train.full_size_step_seconds(args, 3, "bf16", run_, give_up=0.0) == math.inf  # its first step: too slow
     assert torch.equal(torch.random.get_rng_state(), before)
     with run_.autocast:  # timed in a copy: the run itself is still in float32
         assert model(x).dtype == torch.float32
