@@ -394,8 +394,9 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     choice = ["bf16" if bf16 <= BF16_SHARE * off else "off"]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
-    took = (f"its first bf16 step alone took over {EMULATED_BF16_STEPS} float32 steps: bf16 looks emulated here, "
-            "not timed further" if math.isinf(bf16) else f"a bf16 step took {bf16 / off:.0%} of a float32 one")
+    took = (f"a bf16 step took {bf16 / off:.0%} of a float32 one" if math.isfinite(bf16) else
+            f"its first bf16 step alone took over {EMULATED_BF16_STEPS} float32 steps: bf16 looks emulated here, not "
+            "timed further")
     run.say(f"--amp auto: {PRECISION_NAMES[choice[0]]} on this CPU ({took})")
     return choice[0]
 
