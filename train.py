@@ -1136,6 +1136,7 @@ class Clock:
     def __init__(self) -> None:
         self.started, self.spent_before = time.monotonic(), 0.0
         self.predicted: float | None = None  # stays None when a finished run is resumed
+        self.predicted_epochs = 0  # the epochs the prediction was for: a --time run may re-plan after it
         self.slowness: list[float] = []  # each epoch's training time over the measured pace's
 
     def spent(self) -> float:
@@ -1144,6 +1145,7 @@ class Clock:
     def predict(self, pace: Pace, args: argparse.Namespace, steps: int, done_epochs: int, run: Run) -> None:
         """Print what the whole run should take, from the measured pace."""
         self.predicted = self.spent() + pace.seconds(args, steps, done_epochs + 1)
+        self.predicted_epochs = args.epochs
         hint = ""
         if args.time is None and self.predicted > 3600:
             hint = "; `--time 30m` trains the best model that fits in 30 minutes"
@@ -1189,7 +1191,9 @@ class Clock:
         limit = "" if args.time is None else f"; --time {format_duration(args.time)}"
         if self.predicted is None:
             return f"took {format_duration(spent)}{limit}"
-        return (f"took {format_duration(spent)}, predicted {format_duration(self.predicted)} "
+        replanned = ("" if args.epochs == self.predicted_epochs else
+                     f" for the {self.predicted_epochs} epochs planned then, {args.epochs} after re-planning")
+        return (f"took {format_duration(spent)}, predicted {format_duration(self.predicted)}{replanned} "
                 f"({100 * (spent / self.predicted - 1):+.0f} %){limit}")
 
 

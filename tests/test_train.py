@@ -552,6 +552,20 @@ def synthetic_pace(step: float, val: float):
     return train.Pace({size: step * size / 160 for size in range(64, 161, 16)}, val)
 
 
+def test_the_summary_says_when_the_run_was_re_planned_after_its_prediction(monkeypatch, capsys):
+    import train
+
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
+    args, clock = train.parse_args(["--time", "60s"]), train.Clock()
+    args.epochs = 7  # as planned
+    clock.predict(synthetic_pace(step=0.1, val=1.0), args, 10, 0, cpu_run())
+    assert "should take about" in capsys.readouterr().out
+    clock.spent_before = 2 * clock.predicted
+    assert clock.report(args).endswith("(+100 %); --time 60 s") and "re-planning" not in clock.report(args)
+    args.epochs = 5  # a slower machine: the plan shrank after the prediction
+    assert "for the 7 epochs planned then, 5 after re-planning (+100 %)" in clock.report(args)
+
+
 def test_a_plan_fills_its_budget_and_validates_less_when_validation_is_dear():
     import train
 
