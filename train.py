@@ -84,11 +84,12 @@ FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this oft
 # --amp auto on a CPU takes bf16 only where it clearly pays: two timed steps are noisy, and a close call is not
 # worth bf16's coarser arithmetic.
 BF16_SHARE = 0.8
-# ... and stops timing bf16 after its first step when that alone takes longer than this many float32 steps (and
-# over a second): bf16 emulated in software is many times slower than float32, so each further step of it would
-# take a good part of a small --time budget. Native bf16's first step pays one-off costs too (its kernels are
-# built for each shape), but those come near several whole steps only where steps are tiny, and cheap to time.
+# ... and is not timed at the run's batch where a step of PROBE_BATCH images takes longer in bf16 than this many
+# float32 ones: bf16 emulated in software is several times slower than float32 even on a few images, and a step
+# of it at the run's batch would take a good part of a small --time budget. Native bf16 should come nowhere near
+# that factor once its kernels are built for the shape, which the untimed step before the timed ones pays for.
 EMULATED_BF16_STEPS = 4
+PROBE_BATCH = 4  # few enough images that even emulated bf16 steps them quickly; at least 2 (batch norm)
 PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast"}
 
 
@@ -377,11 +378,12 @@ def start_run(device_name: str | None) -> Run:
 def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, bf16 where a step in it takes at most
     BF16_SHARE of a float32 step. A CPU with native bf16 (AMX, AVX512-BF16) about halves the step; one without
-    emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name (bf16 no further
-    than its first step when that alone is longer than EMULATED_BF16_STEPS float32 steps). Timed at the full size
-    of the flags' recipe, before a --time plan may choose a smaller one: a CPU that has bf16 has it at every size.
-    Decided per process start, like --device: a resumed run may be on another machine. Under torchrun every
-    process takes the first one's choice."""
+    emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name: first on
+    PROBE_BATCH images, which gives emulated bf16 away cheaply, then, unless bf16 was over EMULATED_BF16_STEPS
+    times slower there, at the run's batch. Timed at the full image size of the flags' recipe, before a --time
+    plan may choose a smaller one: a CPU that has bf16 has it at every size. Decided per process start, like
+    --device: a resumed run may be on another machine. Under torchrun the processes decide on their mean
+    timings, so all take the same choice."""
     if args.amp == "fp16" and run.device.type == "cpu":
         raise nin.CLIError("--amp fp16 is for GPUs: on a CPU use bf16 or off")
     if args.amp != "auto":
@@ -389,16 +391,26 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     if run.device.type != "cpu":
         run.say(f"--amp auto: bf16 autocast on {run.device.type}")
         return "bf16"
-    off = full_size_step_seconds(args, num_classes, "off", run)
-    bf16 = full_size_step_seconds(args, num_classes, "bf16", run, give_up=max(EMULATED_BF16_STEPS * off, 1.0))
-    choice = ["bf16" if bf16 <= BF16_SHARE * off else "off"]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    took = (f"a bf16 step took {bf16 / off:.0%} of a float32 one" if math.isfinite(bf16) else
-            f"its first bf16 step alone took over {EMULATED_BF16_STEPS} float32 steps: bf16 looks emulated here, not "
-            "timed further")
-    run.say(f"--amp auto: {PRECISION_NAMES[choice[0]]} on this CPU ({took})")
-    return choice[0]
+    probe = argparse.Namespace(**{**vars(args), "batch_size": PROBE_BATCH, "per_process_batch": True})
+    probe_share = bf16_share(probe, num_classes, run)
+    if probe_share > EMULATED_BF16_STEPS:
+        choice = "off"
+        took = (f"a bf16 step of {PROBE_BATCH} images took {probe_share:.1f} times as long as a float32 one: bf16 "
+                "looks emulated here, not timed further")
+    else:
+        share = bf16_share(args, num_classes, run)
+        choice = "bf16" if share <= BF16_SHARE else "off"
+        took = f"a bf16 step took {share:.0%} of a float32 one"
+    run.say(f"--amp auto: {PRECISION_NAMES[choice]} on this CPU ({took})")
+    return choice
+
+
+def bf16_share(args: argparse.Namespace, num_classes: int, run: Run) -> float:
+    """A training step at the full image size and args' batch in bf16 autocast, as a share of one in float32;
+    under torchrun the processes' mean, so that all of them take the same branch of choose_amp (their steps are
+    collectives)."""
+    off, bf16 = (full_size_step_seconds(args, num_classes, amp, run) for amp in ("off", "bf16"))
+    return all_reduce_sum(torch.tensor(bf16 / off, device=run.device)).item() / run.world
 
 
 def leave_process_group() -> None:
@@ -978,12 +990,10 @@ class Pace:
         return steps * self.step[training_size(epoch, args.epochs, args.start_size, args.image_size)]
 
 
-def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_photos: int, run: Run,
-                 give_up: float = math.inf) -> Pace:
+def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_photos: int, run: Run) -> Pace:
     """A few timed steps of a throwaway network on random images at each training size the run may have (a
-    --time plan's re-plans included), and one timed validation batch; a size whose first step takes longer than
-    give_up seconds is timed no further (math.inf). The random-number streams are put back afterwards, so the
-    run is the same as without the measurement."""
+    --time plan's re-plans included), and one timed validation batch. The random-number streams are put back
+    afterwards, so the run is the same as without the measurement."""
     batch = per_process_batch(args, run)
     sizes = stage_sizes(args.start_size, args.image_size)[-most_epochs(args):]
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
@@ -991,7 +1001,7 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
         side = nin.resize_size(args.image_size)
         images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=run.device)
         labels = torch.randint(0, num_classes, (batch,), device=run.device)
-        step = {size: timed(lambda size=size: learner.step(images, labels, size), run, give_up) for size in sizes}
+        step = {size: timed(lambda size=size: learner.step(images, labels, size), run) for size in sizes}
         if val_photos == 0:
             return Pace(step, 0.0)
         n = min(val_photos, VAL_BATCH)
@@ -1002,29 +1012,22 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
     return Pace(step, batch_seconds * val_photos / n)
 
 
-def full_size_step_seconds(args: argparse.Namespace, num_classes: int, amp: str, run: Run,
-                           give_up: float = math.inf) -> float:
-    """Seconds per training step at the run's full image size in this precision (for --amp auto); math.inf
-    when the first step alone takes longer than give_up seconds."""
+def full_size_step_seconds(args: argparse.Namespace, num_classes: int, amp: str, run: Run) -> float:
+    """Seconds per training step at the run's full image size in this precision (for --amp auto)."""
     trial = replace(run)
     trial.use_amp(amp)
     full_size_only = argparse.Namespace(**{**vars(args), "start_size": 0})
-    return measure_pace(full_size_only, num_classes, 1, 0, trial, give_up).step[args.image_size]
+    return measure_pace(full_size_only, num_classes, 1, 0, trial).step[args.image_size]
 
 
-def timed(work: Callable[[], object], run: Run, give_up: float = math.inf) -> float:
-    """Seconds per call of work(), over TIMED_STEPS calls after a first one that pays the one-off costs; math.inf
-    when that first call alone took longer than give_up seconds (already too slow for the caller)."""
+def timed(work: Callable[[], object], run: Run) -> float:
+    """Seconds per call of work(), over TIMED_STEPS calls after a first one that pays the one-off costs."""
     def sync() -> None:
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
 
-    start = time.perf_counter()
     work()
     sync()
-    # under torchrun the processes step together (DistributedDataParallel): all give up, or none
-    if all_reduce_sum(torch.tensor(float(time.perf_counter() - start > give_up), device=run.device)).item() > 0:
-        return math.inf
     start = time.perf_counter()
     for _ in range(TIMED_STEPS):
         work()

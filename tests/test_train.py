@@ -787,7 +787,7 @@ def test_a_run_whose_pace_switches_ends_within_its_budget(monkeypatch, paces):
 def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     import train
 
-    monkeypatch.setattr(train, "timed", lambda work, run, give_up=math.inf: 0.05)  # each timed step: 0.05 s, no work
+    monkeypatch.setattr(train, "timed", lambda work, run: 0.05)  # each timed step: 0.05 s, no work
     args = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
     args.epochs = args.plan_epochs = 2  # as saved by a run that planned 2 epochs (the machine measured slow)
     pace = train.measure_pace(args, num_classes=3, steps=10, val_photos=10, run=cpu_run())
@@ -796,49 +796,61 @@ def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     resumed.spent_before = 50.0  # 45 s of the plan's share left: 81 more epochs at 0.55 s each fit
     assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 2 + 81
 
-@pytest.mark.parametrize("bf16_seconds,chosen,said", [
-    (1.0, "bf16", "bf16 autocast on this CPU (a bf16 step took 50% of a float32 one)"),
-    (1.8, "off", "float32 on this CPU (a bf16 step took 90% of a float32 one)"),
-    (4.0, "off", "float32 on this CPU (a bf16 step took 200% of a float32 one)"),
-    (math.inf, "off",
-     "float32 on this CPU (its first bf16 step alone took over 4 float32 steps: bf16 looks emulated here, not "
-     "timed further)")])
-def test_amp_auto_takes_bf16_on_a_cpu_only_where_it_clearly_pays(monkeypatch, capsys, bf16_seconds, chosen, said):
+@pytest.mark.parametrize("probe_share,share,chosen,said", [
+    (1.0, 0.5, "bf16", "bf16 autocast on this CPU (a bf16 step took 50% of a float32 one)"),
+    (0.5, 0.9, "off", "float32 on this CPU (a bf16 step took 90% of a float32 one)"),
+    (4.0, 2.0, "off", "float32 on this CPU (a bf16 step took 200% of a float32 one)"),
+    (12.5, None, "off",
+     "float32 on this CPU (a bf16 step of 4 images took 12.5 times as long as a float32 one: bf16 looks emulated "
+     "here, not timed further)")])
+def test_amp_auto_takes_bf16_on_a_cpu_only_where_it_clearly_pays(monkeypatch, capsys, probe_share, share, chosen,
+                                                                 said):
+    """Decided on the timed steps' share, at the run's batch unless a few images already show bf16 emulated."""
     import train
 
-    give_ups, float32_seconds = [], 2.0
+    timed_batches = []
 
-    def step_seconds(args, classes, amp, run, give_up=math.inf):
-        give_ups.append(give_up)
-        return bf16_seconds if amp == "bf16" else float32_seconds
+    def step_seconds(args, classes, amp, run):
+        batch = train.per_process_batch(args, run)
+        timed_batches.append(batch)
+        return 2.0 * ((probe_share if batch == train.PROBE_BATCH else share) if amp == "bf16" else 1.0)
 
     monkeypatch.setattr(train, "full_size_step_seconds", step_seconds)
     args = train.parse_args([])
     assert train.choose_amp(args, 3, cpu_run()) == chosen
     assert f"--amp auto: {said}" in capsys.readouterr().out
-    assert give_ups == [math.inf, 8.0]  # float32 timed in full; bf16 given up after a first step over 4 of its steps
-    float32_seconds = 0.01
-    train.choose_amp(args, 3, cpu_run())
-    assert give_ups[-1] == 1.0  # ... or over a second, where steps are tiny
+    assert timed_batches == [train.PROBE_BATCH] * 2 + ([] if share is None else [args.batch_size] * 2)
+    # under torchrun (3 processes here): the probe's images are per process, and the processes' mean decides
+    monkeypatch.setattr(train, "all_reduce_sum", lambda t: t * 3)
+    timed_batches.clear()
+    assert train.choose_amp(args, 3, dataclasses.replace(cpu_run(), world=3)) == chosen
+    assert timed_batches == [train.PROBE_BATCH] * 2 + ([] if share is None else [args.batch_size // 3] * 2)
+    assert f"--amp auto: {said}" in capsys.readouterr().out
+
+
+def test_amp_given_or_on_a_gpu_is_not_timed(capsys):
+    import train
+
+    args = train.parse_args([])
     assert train.choose_amp(train.parse_args(["--amp", "off"]), 3, cpu_run()) == "off"  # given: kept
     gpu_run = dataclasses.replace(cpu_run(), device=torch.device("cuda"))
-    assert train.choose_amp(args, 3, gpu_run) == "bf16"  # not timed
+    assert train.choose_amp(args, 3, gpu_run) == "bf16"
     assert "--amp auto: bf16 autocast on cuda" in capsys.readouterr().out
     with pytest.raises(nin.CLIError, match="--amp fp16 is for GPUs"):
         train.choose_amp(train.parse_args(["--amp", "fp16"]), 3, cpu_run())
 
 
-def test_a_timing_that_has_already_lost_stops_after_its_first_call():
+def test_a_timing_pays_the_one_off_costs_before_it_times():
     import train
 
     calls = []
 
     def work():
-        calls.append("called")
-        time.sleep(0.02)
+        calls.append(time.perf_counter())
+        time.sleep(0.01 if len(calls) > 1 else 1.0)  # the first call is slow, like a first step building kernels
 
-    assert train.timed(work, cpu_run(), give_up=0.01) == math.inf and len(calls) == 1
-    assert math.isfinite(train.timed(work, cpu_run(), give_up=10.0)) and len(calls) == 1 + 1 + train.TIMED_STEPS
+    seconds = train.timed(work, cpu_run())
+    assert len(calls) == 1 + train.TIMED_STEPS and 0.01 <= seconds < 0.2  # the mean of the calls after it
 
 
 def test_resume_keeps_the_runs_amp_unless_the_command_line_gives_one(trained, tmp_path):
@@ -860,7 +872,7 @@ def test_timing_a_precision_leaves_the_run_and_its_random_numbers_as_they_were()
     before = torch.random.get_rng_state()
     args = train.parse_args(["--image-size", "64", "--batch-size", "4"])
     assert train.full_size_step_seconds(args, 3, "bf16", run_) > 0
-    assert train.full_size_step_seconds(args, 3, "bf16", run_, give_up=0.0) == math.inf  # its first step: too slow
+    assert 0 < train.bf16_share(args, 3, run_) < math.inf  # the check below covers both precisions' steps
     assert torch.equal(torch.random.get_rng_state(), before)
     with run_.autocast:  # timed in a copy: the run itself is still in float32
         assert model(x).dtype == torch.float32
