@@ -143,7 +143,8 @@ def main() -> None:
             size = training_size(epoch, args.epochs, args.start_size, args.image_size)
             train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
                                                     desc=f"epoch {epoch}/{args.epochs} ({size} px)")
-            fits = clock.epochs_that_fit(pace, args, data.steps, epoch, time.perf_counter() - start, run)
+            fits = clock.epochs_that_fit(pace, args, data.steps, epoch, time.perf_counter() - start,
+                                         saver.drawing_save_seconds, run)
             if fits != args.epochs:  # --time on a machine slower or faster than measured
                 args.epochs = fits
                 learner.reschedule(fits)
@@ -962,15 +963,29 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """Whole seconds up to 90 s, minutes and seconds up to an hour (a --time budget echoed as it was given),
+    hours and minutes from there."""
+    seconds = round(seconds)
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min" + (f" {seconds % 60} s" if seconds % 60 else "")
     minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def validates(epoch: int, epochs: int, every: int) -> bool:
     """Whether an epoch is followed by validation: every `every`-th, and always the last few."""
     return epoch % every == 0 or epoch > epochs - VAL_LAST_EPOCHS
+
+
+def validation_schedule(epochs: int, every: int) -> str:
+    """Which epochs validates() picks, in words."""
+    if every == 1 or epochs <= VAL_LAST_EPOCHS:
+        return "every epoch"
+    if every > epochs - VAL_LAST_EPOCHS:
+        return f"the last {VAL_LAST_EPOCHS} epochs"
+    return f"every {every} epochs and the last {VAL_LAST_EPOCHS}"
 
 
 @dataclass
@@ -1075,8 +1090,8 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     run.say(f"--time {format_duration(args.time)}: {name}, {fitted.epochs} "
             f"epoch{'' if fitted.epochs == 1 else 's'} at "
             f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
-            + ("every epoch" if fitted.val_every == 1 else f"every {fitted.val_every} epochs and the last "
-               f"{VAL_LAST_EPOCHS}") + f" (about {format_duration(decoding)} to decode first)")
+            f"{validation_schedule(fitted.epochs, fitted.val_every)} (about {format_duration(decoding)} to decode "
+            "first)")
     if name == "the short recipe":  # why not the default one: what a longer budget or a faster machine buys
         default_epochs = default_plan.epochs if default_plan else 0
         run.say(f"  (only {default_epochs} epoch{'' if default_epochs == 1 else 's'} of the default recipe fit here; "
@@ -1156,27 +1171,31 @@ class Clock:
         run.say(f"this run should take about {format_duration(self.predicted)}{within} here{hint}")
 
     def epochs_that_fit(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
-                        run: Run) -> int:
+                        final_save: float, run: Run) -> int:
         """--time, after each epoch: how many epochs the run can have in all and still end within the limit, at
         the pace of its last epochs (the machine may be slower or faster than measured, or change its pace for
         a while). Fewer while the plan no longer fits (the caller lays the learning-rate schedule and the
         training sizes out again for them), and more, up to the recipe's EPOCHS, as far as the time left
         allows while the machine runs faster; `epoch` when not even one more epoch fits. Re-planning
         rather than stopping at the limit keeps what makes the end of a run good: the learning rate annealed
-        to 0 and the last epochs at the full image size. The same answer in every process."""
+        to 0 and the last epochs at the full image size. `final_save` is what the save after the last epoch
+        takes (it draws the figures): a second or two, which a short budget must leave for it. The same answer
+        in every process."""
         if args.time is None:
             return args.epochs
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
         # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
-        slowdown = statistics.median(self.slowness[1:][-3:]) if len(self.slowness) > 1 else 1.0
-        done = self.spent() + slowdown * pace.val  # this epoch may be validated
+        recent = self.slowness[1:][-3:] or [1.0]
+        slowdown = statistics.median(recent)
+        done = self.spent() + slowdown * pace.val + final_save  # this epoch may be validated; the run ends saved
         # A plan shrinks when it no longer ends within half the slack it was planned with (the other half
-        # stays for saving and drawing after the last epoch), and grows only as far as it fits within the plan's
-        # own share: between the two, timing noise does not move it.
+        # absorbs noise), and grows only as far as it fits within the plan's own share: between the two, timing
+        # noise does not move it.
         loose = most_epochs_within((1 + PLAN_SHARE) / 2 * args.time - done, pace, args, steps, epoch, slowdown)
         if loose == epoch < args.epochs:  # near the end: one last epoch, if it ends within the limit itself, makes
-            # a shorter plan with its schedule finished, where stopping now would leave the learning rate above 0
-            loose = min(most_epochs_within(args.time - done, pace, args, steps, epoch, slowdown), epoch + 1)
+            # a shorter plan with its schedule finished, where stopping now would leave the learning rate above 0.
+            # No slack is left for noise there, so that epoch has to fit at the slowest of the recent paces.
+            loose = min(most_epochs_within(args.time - done, pace, args, steps, epoch, max(recent)), epoch + 1)
         fits = loose if loose < args.epochs else max(
             args.epochs, most_epochs_within(PLAN_SHARE * args.time - done, pace, args, steps, epoch, slowdown))
         fits = int(all_reduce_min(torch.tensor(fits, device=run.device)).item())
@@ -1263,6 +1282,7 @@ class Saver:
         self.trained_on = trained_on
         self.checkpoint = args.out_dir / "checkpoint.pth"
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
+        self.drawing_save_seconds = 0.0  # how long the last save that drew the figures took, as the final one does
         self.best: dict | None = None  # the best epoch's weights (--keep best), on the CPU
 
     def resume(self, checkpoint: dict, learner: Learner) -> None:
@@ -1281,7 +1301,8 @@ class Saver:
             return
         if improved and not self.keep_last:
             self.best = {k: v.detach().to("cpu", copy=True) for k, v in learner.final.state_dict().items()}
-        if not last and time.monotonic() - self.saved_at < SAVE_SECONDS:
+        started = time.monotonic()
+        if not last and started - self.saved_at < SAVE_SECONDS:
             return
         nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
                         "best_confusion": progress.best_cm, "best_model": self.best, "history": progress.history,
@@ -1290,7 +1311,8 @@ class Saver:
                        self.checkpoint)
         self.write_weights(learner)
         self.saved_epoch, self.saved_at = progress.epoch, time.monotonic()
-        if last or self.saved_at - self.drawn_at > FIGURE_SECONDS:
+        draws = last or self.saved_at - self.drawn_at > FIGURE_SECONDS
+        if draws:
             save_curves(progress, self.args.out_dir / "curves.png")
             if progress.best_cm is not None:
                 best_epoch = best_validated(progress.history)["epoch"]
@@ -1298,6 +1320,8 @@ class Saver:
                                           f"val, best epoch {best_epoch}: {progress.best_acc:.1%}")
             self.drawn_at = time.monotonic()
         nin.save_csv(progress.history, self.args.out_dir / "metrics.csv")  # last: a complete row = a saved epoch
+        if draws:
+            self.drawing_save_seconds = time.monotonic() - started
 
     def write_weights(self, learner: Learner, calibration: nin.Calibration | None = None) -> None:
         """NiN.pth: the last epoch's weights (--keep last) or the best epoch's; then class_idx.json, which
