@@ -122,7 +122,7 @@ def main() -> None:
         learner.load_state_dict(checkpoint)
         progress = Progress.from_checkpoint(checkpoint, args)
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
-        if args.time and clock.spent_before >= args.time and progress.epoch < args.epochs:
+        if args.time and clock.spent_before >= args.time and progress.epoch < args.epochs:  # at once, untimed
             raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: nothing more to train")
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
@@ -154,6 +154,7 @@ def main() -> None:
             improved = progress.record(epoch, train_loss, train_acc, val_loss, val_cm, lr, size,
                                        time.perf_counter() - start)
             saver.after_epoch(learner, progress, improved, last=last)
+            barrier()  # under torchrun the others wait for the first one's save here, not in the next epoch's time
             run.say(progress.line(args.epochs, improved), write=tqdm.write)
     run.say(summary(progress, data.classes, saver.keep_last, args.weights))
     run.say(clock.report(args))
@@ -1161,7 +1162,16 @@ class Clock:
         return self.spent_before + time.monotonic() - self.started
 
     def predict(self, pace: Pace, args: argparse.Namespace, steps: int, done_epochs: int, run: Run) -> None:
-        """Print what the whole run should take, from the measured pace."""
+        """Print what the whole run should take, from the measured pace. Under --time, refuse to start an epoch
+        that would end past the limit: a resumed run may have spent what was left of it timing this machine."""
+        if args.time is not None:
+            left = all_reduce_min(torch.tensor(args.time - self.spent(), device=run.device)).item()  # one verdict
+            one_more = pace.seconds(argparse.Namespace(**{**vars(args), "epochs": done_epochs + 1}), steps,
+                                    done_epochs + 1)
+            if one_more > left:
+                raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: "
+                                   f"{format_duration(max(left, 0.0))} left after timing this machine, and one more "
+                                   f"epoch takes about {format_duration(one_more)}")
         self.predicted = self.spent() + pace.seconds(args, steps, done_epochs + 1)
         self.predicted_epochs = args.epochs
         hint = ""

@@ -739,6 +739,11 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     torch.save(saved, tmp_path / "run" / "checkpoint.pth")
     spent = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
     assert_clean_error(spent, "--time 40 s is spent")
+    saved["seconds_spent"] = 39.9  # a tenth of a second left: timing this machine takes more than that
+    torch.save(saved, tmp_path / "run" / "checkpoint.pth")
+    spent = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
+    assert_clean_error(spent, "--time 40 s is spent: 0 s left after timing this machine, and one more epoch takes")
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["seconds_spent"] == 39.9  # untouched
 
 
 def cpu_run():
