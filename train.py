@@ -945,7 +945,7 @@ SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 
 # the default recipe still gets the budget once the short recipe's whole run fits with time to spare: the
 # spare time would go unused, and the default recipe calibrates better.
 MIN_DEFAULT_EPOCHS = 50
-PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs saving, drawing and noise
+PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs noise, and the last save until it is timed
 VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
 VAL_LAST_EPOCHS = 3  # ... but the last epochs are always validated
 TIMED_STEPS = 2  # per training size, after one untimed step (cuDNN chooses its algorithms on the first)
@@ -964,8 +964,8 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Whole seconds up to 90 s, minutes and seconds up to an hour (a --time budget echoed as it was given),
-    hours and minutes from there."""
+    """Whole seconds up to 90 s, minutes and seconds up to an hour, hours and whole minutes from there: a --time
+    budget under an hour reads back as the seconds it was given."""
     seconds = round(seconds)
     if seconds < 90:
         return f"{seconds} s"
@@ -1165,13 +1165,14 @@ class Clock:
         """Print what the whole run should take, from the measured pace. Under --time, refuse to start an epoch
         that would end past the limit: a resumed run may have spent what was left of it timing this machine."""
         if args.time is not None:
-            left = all_reduce_min(torch.tensor(args.time - self.spent(), device=run.device)).item()  # one verdict
+            left = args.time - self.spent()
             one_more = pace.seconds(argparse.Namespace(**{**vars(args), "epochs": done_epochs + 1}), steps,
                                     done_epochs + 1)
-            if one_more > left:
+            # each process measured its own pace: one verdict for all, from the tightest of them
+            if all_reduce_min(torch.tensor(left - one_more, device=run.device)).item() < 0:
                 raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: "
-                                   f"{format_duration(max(left, 0.0))} left after timing this machine, and one more "
-                                   f"epoch takes about {format_duration(one_more)}")
+                                   f"{format_duration(max(left, 0.0))} left after timing this machine and loading "
+                                   f"the photos, and one more epoch takes about {format_duration(one_more)}")
         self.predicted = self.spent() + pace.seconds(args, steps, done_epochs + 1)
         self.predicted_epochs = args.epochs
         hint = ""
@@ -1292,7 +1293,9 @@ class Saver:
         self.trained_on = trained_on
         self.checkpoint = args.out_dir / "checkpoint.pth"
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
-        self.drawing_save_seconds = 0.0  # how long the last save that drew the figures took, as the final one does
+        # How long the last save that drew the figures took, as the final one does. Only the first process saves:
+        # the others keep 0, and epochs_that_fit takes the smallest plan of all.
+        self.drawing_save_seconds = 0.0
         self.best: dict | None = None  # the best epoch's weights (--keep best), on the CPU
 
     def resume(self, checkpoint: dict, learner: Learner) -> None:
@@ -1311,9 +1314,10 @@ class Saver:
             return
         if improved and not self.keep_last:
             self.best = {k: v.detach().to("cpu", copy=True) for k, v in learner.final.state_dict().items()}
-        started = time.monotonic()
-        if not last and started - self.saved_at < SAVE_SECONDS:
+        if not last and time.monotonic() - self.saved_at < SAVE_SECONDS:
             return
+        nin.pyplot_for_files()  # imported on the first draw: not a cost that the last save pays again
+        started = time.monotonic()
         nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
                         "best_confusion": progress.best_cm, "best_model": self.best, "history": progress.history,
                         "classes": self.classes, "seconds_spent": self.clock.spent(), "rng": rng_state(),
