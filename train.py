@@ -1190,8 +1190,7 @@ class Clock:
         allows while the machine runs faster; `epoch` when not even one more epoch fits. Re-planning
         rather than stopping at the limit keeps what makes the end of a run good: the learning rate annealed
         to 0 and the last epochs at the full image size. `final_save` is what the save after the last epoch
-        takes (it draws the figures): a second or two, which a short budget must leave for it. The same answer
-        in every process."""
+        takes (it draws the figures), which a short budget must leave free. The same answer in every process."""
         if args.time is None:
             return args.epochs
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
