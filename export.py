@@ -12,7 +12,7 @@ The file's metadata holds "classes" (JSON list, in output order), "image_size" S
 "not_sure_below" (answer "not sure" when the top probability is below it). Any batch
 size works. --check runs the export with onnxruntime on the images (and on drawn noise and flat colours) before
 it is written, and refuses it (writing nothing) unless every top-1 class matches predict.py's and every probability
-is within --tolerance; it also times one image through each (the median of 21 runs).
+is within --tolerance; it also times one image through each (the median of repeated runs).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import nin
 import predict
 
 TOLERANCE = 1e-3  # the largest difference in any probability between the export and predict.py
+TIMED_RUNS = 21  # --check times one image through each this many times, after one untimed run
 
 
 class Exported(torch.nn.Module):
@@ -44,30 +45,31 @@ class Exported(torch.nn.Module):
         return (self.model(x) / self.temperature).softmax(1)
 
 
-def export(weights: Path, class_idx: Path) -> tuple[bytes, list[str], int]:
-    """The ONNX file's bytes, its class names and image size."""
+def export(saved: nin.SavedWeights, source: str) -> bytes:
+    """The ONNX file's bytes; `source` names the weights in its metadata."""
     import onnx
 
-    model, classes, image_size, calibration = predict.load_model(weights, class_idx, torch.device("cpu"))
+    image_size, calibration = saved.image_size, saved.calibration
     example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
-    program = torch.onnx.export(Exported(model, calibration.temperature).eval(), (example,), input_names=["images"],
+    exported = Exported(saved.model, calibration.temperature).eval()
+    program = torch.onnx.export(exported, (example,), input_names=["images"],
                                 output_names=["probabilities"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                                 dynamo=True, verbose=False)
     nin.normalization_constants.cache_clear()  # tracing cached its own stand-in tensors there
     graph = program.model_proto
-    onnx.helper.set_model_props(graph, {"classes": json.dumps(classes), "image_size": str(image_size),
+    onnx.helper.set_model_props(graph, {"classes": json.dumps(saved.classes), "image_size": str(image_size),
                                         "temperature": str(calibration.temperature),
                                         "not_sure_below": str(calibration.not_sure_below),
-                                        "source": f"{weights.name}, exported by export.py"})
-    return graph.SerializeToString(), classes, image_size
+                                        "source": f"{source}, exported by export.py"})
+    return graph.SerializeToString()
 
 
-def check(exported: bytes, weights: Path, class_idx: Path, images: list[Path], tolerance: float) -> str:
+def check(exported: bytes, saved: nin.SavedWeights, images: list[Path], tolerance: float) -> str:
     """Compare the export with predict.py on the images and on drawn ones; a one-line report, or CLIError."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
-    model, _, image_size, calibration = predict.load_model(weights, class_idx, torch.device("cpu"))
+    model, image_size, temperature = saved.model, saved.image_size, saved.calibration.temperature
     try:
         photos = [nin.eval_tensor(path, image_size) for path in predict.expand(images)]
     except nin.UnreadableImage as error:
@@ -77,7 +79,7 @@ def check(exported: bytes, weights: Path, class_idx: Path, images: list[Path], t
              for _ in range(4)]
     drawn += [torch.full((3, image_size, image_size), v, dtype=torch.uint8) for v in (0, 128, 255)]
     batch = torch.stack(photos + drawn)
-    expected, _ = predict.classify(model, batch, temperature=calibration.temperature)
+    expected, _ = predict.classify(model, batch, temperature=temperature)
     got = torch.from_numpy(session.run(None, {"images": batch.permute(0, 2, 3, 1).numpy()})[0])
     same_top1 = bool((got.argmax(1) == expected.argmax(1)).all())
     largest = float((got - expected).abs().max())
@@ -87,15 +89,15 @@ def check(exported: bytes, weights: Path, class_idx: Path, images: list[Path], t
         raise nin.CLIError(f"the export does not match predict.py: {report}")
     one = batch[:1]
     onnx_ms = median_ms(lambda: session.run(None, {"images": one.permute(0, 2, 3, 1).numpy()}))
-    torch_ms = median_ms(lambda: predict.classify(model, one, temperature=calibration.temperature))
+    torch_ms = median_ms(lambda: predict.classify(model, one, temperature=temperature))
     return f"{report}; one image: {onnx_ms:.1f} ms with onnxruntime, {torch_ms:.1f} ms with predict.py's forward pass"
 
 
-def median_ms(work: Callable[[], object], runs: int = 21) -> float:
+def median_ms(work: Callable[[], object]) -> float:
     """The median wall time of work() in milliseconds, after one untimed call."""
     work()
     times = []
-    for _ in range(runs):
+    for _ in range(TIMED_RUNS):
         start = time.perf_counter()
         work()
         times.append(time.perf_counter() - start)
@@ -124,11 +126,13 @@ def main() -> None:
         import onnxscript  # noqa: F401
     except ImportError as error:
         raise nin.CLIError(f"{error.name} is not installed: pip install -r requirements-export.txt") from None
-    exported, classes, image_size = export(args.weights, args.class_idx)
-    report = check(exported, args.weights, args.class_idx, args.check, args.tolerance) if args.check else None
+    saved = predict.load_model(args.weights, args.class_idx, torch.device("cpu"))
+    exported = export(saved, args.weights.name)
+    report = check(exported, saved, args.check, args.tolerance) if args.check else None
     nin.atomic_write(args.out, lambda f: f.write(exported))  # only an export that passed --check is written
-    print(f"wrote {args.out} ({len(exported) / 2**20:.1f} MiB): uint8 images [N, {image_size}, {image_size}, 3] in, "
-          f"probabilities of {', '.join(classes)} out")
+    size = saved.image_size
+    print(f"wrote {args.out} ({len(exported) / 2**20:.1f} MiB): uint8 images [N, {size}, {size}, 3] in, "
+          f"probabilities of {', '.join(saved.classes)} out")
     if report:
         print(f"check against predict.py: {report}")
 

@@ -340,25 +340,10 @@ class Calibration:
     fitted_on: str = "nothing: the raw softmax"
 
 
-def load_calibration(path: str | os.PathLike) -> Calibration:
-    """The calibration in a NiN.pth; a file from before calibration existed gets the raw softmax."""
-    stored = load_torch(path, "weights").get("calibration")
-    if stored is None:
-        return Calibration()
-    try:
-        calibration = Calibration(**stored)
-        in_range = 0.01 <= calibration.temperature <= 100 and 0 <= calibration.not_sure_below < 1
-    except TypeError:  # not a dictionary, other keys, or values that are not numbers
-        raise CLIError(f"{path}: its calibration is not one this code wrote") from None
-    if not in_range:
-        raise CLIError(f"{path}: its calibration is out of range ({calibration})")
-    return calibration
-
-
 def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os.PathLike,
                  calibration: Calibration | None = None, trained_on: torch.Tensor | None = None) -> None:
     """NiN.pth: the state dict plus what predict.py needs to rebuild and feed the model, its calibration, and
-    the fingerprints of the photos it trained on (sorted; see load_trained_on).
+    the fingerprints of the photos it trained on (sorted; see SavedWeights).
 
     Floating-point tensors are stored as float16, which halves the file; load_weights puts them back into
     the float32 model, and the predictions barely move (see tests/test_nin.py). A tensor outside float16's
@@ -373,21 +358,23 @@ def save_weights(model: NiN, classes: list[str], image_size: int, path: str | os
                 "calibration": dataclasses.asdict(calibration or Calibration()), "trained_on": trained_on}, path)
 
 
-def load_trained_on(path: str | os.PathLike) -> torch.Tensor | None:
-    """The fingerprints of the photos a NiN.pth trained on (None for a file from before they were kept): scores
-    on those photos say little about new ones, and a temperature fitted on them would be wrong."""
-    stored = load_torch(path, "weights").get("trained_on")
-    if stored is not None and not (isinstance(stored, torch.Tensor) and stored.dtype == torch.int64
-                                   and stored.dim() == 1):
-        raise CLIError(f"{path}: its list of training photos is not one this code wrote")
-    return stored
+@dataclass
+class SavedWeights:
+    """A NiN.pth read back: the model in eval mode, its class names (in output order), the image size it was
+    trained at, how its logits become probabilities, and the fingerprints of the photos it trained on (None for
+    a file from before they were kept): scores on those photos say little about new ones, and a temperature
+    fitted on them would be wrong."""
+
+    model: NiN
+    classes: list[str]
+    image_size: int
+    calibration: Calibration
+    trained_on: torch.Tensor | None
 
 
-def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[NiN, list[str], int]:
-    """Rebuild the model saved by save_weights, on any device (GPU weights load on a CPU-only machine).
-
-    Returns the model in eval mode, its class names and the image size it was trained at.
-    """
+def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> SavedWeights:
+    """Rebuild what save_weights wrote, on any device (GPU weights load on a CPU-only machine), reading the file
+    once. A file from before calibration existed gets the raw softmax."""
     saved = load_torch(path, "weights")
     config, classes, image_size = saved.get("config"), saved.get("classes"), saved.get("image_size")
     if not (isinstance(saved.get("model"), dict) and isinstance(config, dict) and isinstance(classes, list)
@@ -408,7 +395,29 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         model.load_state_dict(saved["model"])
     except (RuntimeError, TypeError, ValueError) as error:
         raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0][:200]}") from None
-    return model.to(device).eval(), list(classes), image_size
+    calibration = stored_calibration(saved.get("calibration"), path)
+    return SavedWeights(model.to(device).eval(), list(classes), image_size, calibration,
+                        stored_photos(saved.get("trained_on"), path))
+
+
+def stored_calibration(stored: object, path: str | os.PathLike) -> Calibration:
+    if stored is None:
+        return Calibration()
+    try:
+        calibration = Calibration(**stored)
+        in_range = 0.01 <= calibration.temperature <= 100 and 0 <= calibration.not_sure_below < 1
+    except TypeError:  # not a dictionary, other keys, or values that are not numbers
+        raise CLIError(f"{path}: its calibration is not one this code wrote") from None
+    if not in_range:
+        raise CLIError(f"{path}: its calibration is out of range ({calibration})")
+    return calibration
+
+
+def stored_photos(stored: object, path: str | os.PathLike) -> torch.Tensor | None:
+    if stored is not None and not (isinstance(stored, torch.Tensor) and stored.dtype == torch.int64
+                                   and stored.dim() == 1):
+        raise CLIError(f"{path}: its list of training photos is not one this code wrote")
+    return stored
 
 
 # ----------------------------------------------------------------------------------------------------- reports

@@ -150,20 +150,18 @@ def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[
     return paths, labels
 
 
-def load_model(weights: Path, class_idx: Path, device: torch.device,
-               ) -> tuple[torch.nn.Module, list[str], int, nin.Calibration]:
-    model, classes, image_size = nin.load_weights(weights, device)
+def load_model(weights: Path, class_idx: Path, device: torch.device) -> nin.SavedWeights:
+    saved = nin.load_weights(weights, device)
     names = nin.load_class_names(class_idx)
-    if names != classes:
+    if names != saved.classes:
         raise nin.CLIError(f"{class_idx} does not match {weights}: it lists {nin.few(names)}, the weights were "
-                           f"trained on {nin.few(classes)}")
-    return model, classes, image_size, nin.load_calibration(weights)
+                           f"trained on {nin.few(saved.classes)}")
+    return saved
 
 
-def photos_it_trained_on(weights: Path, paths: list[Path], workers: int) -> int:
+def photos_it_trained_on(trained_on: torch.Tensor | None, paths: list[Path], workers: int) -> int:
     """How many of these photos trained the weights: NiN.pth lists its training photos by content, so a copy
     under another name or in another split counts too (0 for weights from before it kept that list)."""
-    trained_on = nin.load_trained_on(weights)
     if trained_on is None or not paths:
         return 0
     return int(torch.isin(nin.fingerprints(paths, workers), trained_on).sum())
@@ -318,15 +316,13 @@ def show_or_save(fig: Figure, save: Path | None) -> None:
 # --------------------------------------------------------------------------------------------- modes
 
 
-def predict_images(model: nin.NiN, classes: list[str], image_size: int, calibration: nin.Calibration,
-                   args: argparse.Namespace, device: torch.device) -> None:
-    paths = expand(args.images)
-    if seen := photos_it_trained_on(args.weights, paths, args.workers):
+def predict_images(saved: nin.SavedWeights, args: argparse.Namespace, device: torch.device) -> None:
+    paths, classes, threshold = expand(args.images), saved.classes, saved.calibration.not_sure_below
+    if seen := photos_it_trained_on(saved.trained_on, paths, args.workers):
         nin.warn(f"{paths[0]} is a photo {args.weights} trained on: its answer says little about new photos"
                  if len(paths) == 1 else f"{seen} of these {len(paths)} images are photos {args.weights} trained on: "
                  f"its answers for them say little about new photos")
-    results = run_batches(model, paths, image_size, args, device, calibration.temperature)
-    threshold = calibration.not_sure_below
+    results = run_batches(saved.model, paths, saved.image_size, args, device, saved.calibration.temperature)
     if args.json:
         print(json.dumps([{"image": str(r["path"]), "top": top_k(r["probs"], classes, args.top_k),
                            "not_sure": unsure(r["probs"], threshold)} for r in results], indent=2))
@@ -344,13 +340,13 @@ def predict_images(model: nin.NiN, classes: list[str], image_size: int, calibrat
     show_or_save(fig, args.save)
 
 
-def evaluate_folder(model: nin.NiN, classes: list[str], image_size: int, calibration: nin.Calibration,
-                    args: argparse.Namespace, device: torch.device) -> None:
+def evaluate_folder(saved: nin.SavedWeights, args: argparse.Namespace, device: torch.device) -> None:
+    classes, calibration = saved.classes, saved.calibration
     paths, labels = labelled_images(args.eval, classes)
-    if seen := photos_it_trained_on(args.weights, paths, args.workers):
+    if seen := photos_it_trained_on(saved.trained_on, paths, args.workers):
         nin.warn(f"{seen} of the {len(paths)} photos of {args.eval} trained {args.weights}: the scores below read "
                  f"high (held-out photos, or bench/cv.py, give ones that hold for new photos)")
-    results, logits, targets = score_labelled(model, paths, labels, image_size, args, device,
+    results, logits, targets = score_labelled(saved.model, paths, labels, saved.image_size, args, device,
                                               calibration.temperature)
     probs = torch.stack([r["probs"] for r in results])
     raw = logits.softmax(1)  # without the temperature
@@ -465,22 +461,22 @@ def reliability_figure(raw: torch.Tensor, probs: torch.Tensor, targets: torch.Te
     nin.save_figure(fig, path)
 
 
-def held_out_logits(source: Path, model: nin.NiN, classes: list[str], image_size: int, args: argparse.Namespace,
+def held_out_logits(source: Path, saved: nin.SavedWeights, args: argparse.Namespace,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of held-out photos: scored here from a labelled folder, or read from bench/cv.py's
     oof_predictions.csv (its log-probabilities: the softmax of log p is p, whatever the logits were)."""
     if source.is_dir():
-        paths, labels = labelled_images(source, classes)
-        if seen := photos_it_trained_on(args.weights, paths, args.workers):
+        paths, labels = labelled_images(source, saved.classes)
+        if seen := photos_it_trained_on(saved.trained_on, paths, args.workers):
             raise nin.CLIError(f"{seen} of the {len(paths)} photos of {source} trained {args.weights}: a temperature "
                                f"fitted on them would be wrong; give photos it never saw, or bench/cv.py's "
                                f"oof_predictions.csv")
-        _, logits, targets = score_labelled(model, paths, labels, image_size, args, device)
+        _, logits, targets = score_labelled(saved.model, paths, labels, saved.image_size, args, device)
         return logits, targets
     if not source.is_file():
         raise nin.CLIError(f"--calibrate {source}: no such folder or file")
     try:
-        return oof_logits(nin.load_csv(source), classes)
+        return oof_logits(nin.load_csv(source), saved.classes)
     except (ValueError, csv.Error) as error:
         raise nin.CLIError(f"{source}: {error}") from None
 
@@ -498,18 +494,17 @@ def oof_logits(rows: list[dict[str, str]], classes: list[str]) -> tuple[torch.Te
     return probs.clamp(min=1e-45).log(), labels  # 0 where float32 underflowed
 
 
-def calibrate_weights(model: nin.NiN, classes: list[str], image_size: int, args: argparse.Namespace,
-                      device: torch.device) -> None:
+def calibrate_weights(saved: nin.SavedWeights, args: argparse.Namespace, device: torch.device) -> None:
     """--calibrate: fit, report, and store the temperature and the 'not sure' threshold in --weights."""
-    logits, labels = held_out_logits(args.calibrate, model, classes, image_size, args, device)
+    logits, labels = held_out_logits(args.calibrate, saved, args, device)
     temperature = nin.fit_temperature(logits, labels)
     raw, probs = logits.softmax(1), (logits / temperature).softmax(1)
     threshold = nin.not_sure_threshold(probs, labels)
     summary = calibration_summary(raw, probs, labels, threshold)
     calibration = nin.Calibration(temperature, round(threshold, 4), f"{len(labels)} photos of {args.calibrate}")
-    saved = nin.load_torch(args.weights, "weights")
-    saved["calibration"] = dataclasses.asdict(calibration)
-    nin.save_torch(saved, args.weights)
+    stored = nin.load_torch(args.weights, "weights")  # as it is on disk: float16 weights stay float16
+    stored["calibration"] = dataclasses.asdict(calibration)
+    nin.save_torch(stored, args.weights)
     print(f"fitted on {len(labels)} photos of {args.calibrate}: temperature {temperature:.3f}; "
           f"on these same photos, {ece_line(summary, len(labels))}")
     print(f"'not sure' below {threshold:.1%} (keeps {nin.NOT_SURE_KEEP:.0%} of the photos answered right): "
@@ -523,15 +518,15 @@ def main() -> None:
         figure_formats()
     check_outputs(args)
     device = nin.pick_device(args.device)
-    model, classes, image_size, calibration = load_model(args.weights, args.class_idx, device)
+    saved = load_model(args.weights, args.class_idx, device)
     if args.not_sure is not None:  # the flag wins over the threshold stored with the weights
-        calibration = dataclasses.replace(calibration, not_sure_below=args.not_sure)
+        saved.calibration = dataclasses.replace(saved.calibration, not_sure_below=args.not_sure)
     if args.calibrate:
-        calibrate_weights(model, classes, image_size, args, device)
+        calibrate_weights(saved, args, device)
     elif args.eval:
-        evaluate_folder(model, classes, image_size, calibration, args, device)
+        evaluate_folder(saved, args, device)
     else:
-        predict_images(model, classes, image_size, calibration, args, device)
+        predict_images(saved, args, device)
 
 
 if __name__ == "__main__":

@@ -1305,7 +1305,7 @@ class Saver:
             calibration = None
             if self.args.weights.is_file():
                 with contextlib.suppress(nin.CLIError):
-                    calibration = nin.load_calibration(self.args.weights)
+                    calibration = nin.load_weights(self.args.weights).calibration
             self.write_weights(learner, calibration)
 
     def after_epoch(self, learner: Learner, progress: Progress, improved: bool, last: bool) -> None:

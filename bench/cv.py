@@ -104,9 +104,9 @@ def train_fold(folder: Path, flags: list[str], threads: int | None) -> tuple[boo
 def classified(weights: Path, paths: list[Path], workers: int, device: torch.device) -> tuple[list[str], list[dict]]:
     """The class names of the weights, and predict.py's result (probabilities, class maps) for each photo
     that can still be read (a warning for any other)."""
-    model, classes, image_size = nin.load_weights(weights, device)
+    saved = nin.load_weights(weights, device)
     settings = argparse.Namespace(batch_size=predict.BATCH_SIZE, workers=workers, tta=False)
-    return classes, predict.run_batches(model, paths, image_size, settings, device)
+    return saved.classes, predict.run_batches(saved.model, paths, saved.image_size, settings, device)
 
 
 def finish_fold(folder: Path, fold: int, seconds: float, workers: int, device: torch.device) -> dict:

@@ -79,7 +79,7 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
     shutil.copy(tmp_path / "cv" / "fold-0" / "NiN.pth", tmp_path / "copy.pth")
     run("predict.py", "--calibrate", tmp_path / "cv" / "oof_predictions.csv", "--weights", tmp_path / "copy.pth",
         "--class-idx", tmp_path / "cv" / "fold-0" / "class_idx.json", cwd=tmp_path)
-    temperature = nin.load_calibration(tmp_path / "copy.pth").temperature
+    temperature = nin.load_weights(tmp_path / "copy.pth").calibration.temperature
     assert f"fitted on all these photos: {temperature:.3f};" in first.stdout
     assert "Each fold calibrated from the other folds: ECE " in first.stdout  # ...and calibrates each fold apart
     trained_at = [(tmp_path / "cv" / f"fold-{i}" / "NiN.pth").stat().st_mtime_ns for i in (0, 1)]

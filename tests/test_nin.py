@@ -112,8 +112,10 @@ def test_eval_tensor_resizes_short_side_then_centre_crops(tmp_path):
 def test_weights_round_trip_and_class_index(tmp_path):
     model = nin.NiN(3, dropout=0.2)
     nin.save_weights(model, ["a", "b", "c"], 96, tmp_path / "w.pth")
-    loaded, classes, size = nin.load_weights(tmp_path / "w.pth")
-    assert classes == ["a", "b", "c"] and size == 96 and not loaded.training
+    saved = nin.load_weights(tmp_path / "w.pth")
+    loaded, classes = saved.model, saved.classes
+    assert classes == ["a", "b", "c"] and saved.image_size == 96 and not loaded.training
+    assert saved.calibration == nin.Calibration() and saved.trained_on is None  # none given: the raw softmax
     for key, value in model.state_dict().items():  # float16 on disk, float32 again once loaded
         assert loaded.state_dict()[key].dtype == value.dtype
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=1e-3, atol=1e-5)
@@ -131,7 +133,7 @@ def test_weights_from_before_the_wide_head_still_load_narrow(tmp_path, stored):
     else:
         del saved["config"]["head_width"]
     torch.save(saved, tmp_path / "w.pth")
-    model, _, _ = nin.load_weights(tmp_path / "w.pth")
+    model = nin.load_weights(tmp_path / "w.pth").model
     assert sum(p.numel() for p in model.parameters()) == expected_parameters(3, head_width=0)
 
 
@@ -149,7 +151,7 @@ def test_weights_are_stored_as_float16_and_predict_the_same(tmp_path):
     stored = torch.load(tmp_path / "w.pth", weights_only=True)["model"]
     assert stored["features.0.0.weight"].dtype == torch.float16
     assert stored["features.0.1.running_var"].dtype == torch.float32  # 7e4 > 65504: kept exact
-    loaded, _, _ = nin.load_weights(tmp_path / "w.pth")
+    loaded = nin.load_weights(tmp_path / "w.pth").model
     x = torch.randn(8, 3, 96, 96)
     with torch.no_grad():
         before, after = model.eval()(x).softmax(1), loaded(x).softmax(1)

@@ -97,7 +97,7 @@ def test_weights_saved_on_a_gpu_load_on_the_cpu(trained, tmp_path, monkeypatch):
     if not torch.cuda.is_available():  # the file really is a GPU one: a plain torch.load refuses it here
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(tmp_path / "gpu.pth", weights_only=True)
-    model, _, _ = nin.load_weights(tmp_path / "gpu.pth", "cpu")
+    model = nin.load_weights(tmp_path / "gpu.pth", "cpu").model
     assert next(model.parameters()).device.type == "cpu"
     photo = draw(tmp_path / "red.png", COLOURS["red"], seed=4321)
     result = predict(trained, photo, "--json", "--device", "cpu", "--weights", tmp_path / "gpu.pth")
@@ -162,7 +162,8 @@ def test_single_image_figure_with_heatmap(trained, photos, tmp_path):
 def test_class_maps_are_what_the_logits_pool_and_tta_averages_the_mirror(trained):
     import predict as predict_module
 
-    model, _, size = nin.load_weights(trained["weights"])
+    saved = nin.load_weights(trained["weights"])
+    model, size = saved.model, saved.image_size
     images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
     probs, maps = predict_module.classify(model, images)
     logits = model(nin.normalize(images))
@@ -459,11 +460,12 @@ def test_calibrate_on_a_folder_or_on_out_of_fold_predictions(trained, split_data
     weights = calibrated_copy(trained, tmp_path)
     result = run("predict.py", "--calibrate", held_out, "--weights", weights, "--class-idx",
                  trained["class_idx"], cwd=tmp_path)
-    calibration = nin.load_calibration(weights)
+    calibration = nin.load_weights(weights).calibration
     assert f"temperature {calibration.temperature:.3f}" in result.stdout and "held_out" in calibration.fitted_on
     assert 0 < calibration.not_sure_below < 1
     # The same photos as bench/cv.py's CSV of probabilities: the same temperature.
-    model, classes, size = nin.load_weights(weights)
+    saved = nin.load_weights(weights)
+    model, classes, size = saved.model, saved.classes, saved.image_size
     paths = sorted(held_out.glob("*/*.jpg"))
     with torch.no_grad():
         logits = model(nin.normalize(torch.stack([nin.eval_tensor(p, size) for p in paths])))
@@ -473,7 +475,7 @@ def test_calibrate_on_a_folder_or_on_out_of_fold_predictions(trained, split_data
     nin.save_csv(rows, tmp_path / "oof_predictions.csv")
     run("predict.py", "--calibrate", tmp_path / "oof_predictions.csv", "--weights", weights, "--class-idx",
         trained["class_idx"], cwd=tmp_path)
-    assert nin.load_calibration(weights).temperature == pytest.approx(calibration.temperature, rel=1e-2)
+    assert nin.load_weights(weights).calibration.temperature == pytest.approx(calibration.temperature, rel=1e-2)
 
 
 @pytest.mark.parametrize("content,named", [
@@ -497,15 +499,15 @@ def test_probabilities_use_the_stored_temperature_and_old_weights_the_raw_softma
     saved = torch.load(trained["weights"], weights_only=True)
     del saved["calibration"]  # as written before calibration existed
     torch.save(saved, tmp_path / "old.pth")
-    assert nin.load_calibration(tmp_path / "old.pth") == nin.Calibration()
+    assert nin.load_weights(tmp_path / "old.pth").calibration == nin.Calibration()
     photo = photos[("red", "RGB")]
     raw = json.loads(predict_with(tmp_path / "old.pth", trained, photo, "--json").stdout)[0]["top"]
     hot = json.loads(predict_with(calibrated_copy(trained, tmp_path, temperature=4.0), trained, photo, "--json"
                                   ).stdout)[0]["top"]
     assert raw[0]["class"] == hot[0]["class"] == "red"  # the temperature never changes the answer...
-    model, _, size = nin.load_weights(trained["weights"])
+    saved = nin.load_weights(trained["weights"])
     with torch.no_grad():
-        logits = model(nin.normalize(nin.eval_tensor(photo, size)[None]))[0]
+        logits = saved.model(nin.normalize(nin.eval_tensor(photo, saved.image_size)[None]))[0]
     assert hot[0]["probability"] == pytest.approx(float((logits / 4).softmax(0).max()), abs=1e-4)  # ...only how sure
     assert hot[0]["probability"] < raw[0]["probability"]
 

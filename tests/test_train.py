@@ -31,8 +31,9 @@ def test_training_learns_and_writes_every_output(trained):
     assert {r["size"] for r in rows} == {"64"}
     best = max(float(r["val_acc"]) for r in rows)
     assert best >= 0.9  # three classes: chance is 0.33
-    model, classes, size = nin.load_weights(trained["weights"])
-    assert classes == ["blue", "green", "red"] and size == 64 and model.num_classes == 3
+    saved = nin.load_weights(trained["weights"])
+    classes = saved.classes
+    assert classes == ["blue", "green", "red"] and saved.image_size == 64 and saved.model.num_classes == 3
     assert nin.load_class_names(trained["class_idx"]) == classes
     checkpoint = torch.load(trained["run"] / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 6 and checkpoint["best_acc"] == best and checkpoint["classes"] == classes
@@ -55,8 +56,7 @@ def test_training_learns_and_writes_every_output(trained):
 
 def same_weights(weights: Path, state: dict[str, torch.Tensor]) -> bool:
     """Whether NiN.pth (stored as float16) holds these weights."""
-    model, _, _ = nin.load_weights(weights)
-    saved = model.state_dict()
+    saved = nin.load_weights(weights).model.state_dict()
     return all(torch.allclose(saved[k].float(), v.float(), rtol=1e-3, atol=1e-3) for k, v in state.items())
 
 
@@ -265,7 +265,7 @@ def test_mixing_and_ema_run_saves_the_averaged_weights(split_data_dir, tmp_path)
         "--class-idx", tmp_path / "c.json", cwd=tmp_path)
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["ema"]["n_averaged"].item() == len(list((split_data_dir / "train").rglob("*.jpg"))) // 8
-    model, _, _ = nin.load_weights(tmp_path / "NiN.pth")  # the only epoch, so the best one
+    model = nin.load_weights(tmp_path / "NiN.pth").model  # the only epoch, so the best one
     averaged = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
     key = "features.0.0.weight"
     for name, value in model.state_dict().items():  # NiN.pth holds the moving average...
@@ -292,7 +292,7 @@ def test_progressive_run_validates_and_saves_at_the_full_size(split_data_dir, tm
     epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[-3] for line in epochs] == ["64", "64", "80"]  # "... 64 px  1.2s"
     assert [r["size"] for r in nin.load_csv(tmp_path / "run" / "metrics.csv")] == ["64", "64", "80"]
-    assert nin.load_weights(tmp_path / "NiN.pth")[2] == 80  # predict.py's input size: the final one
+    assert nin.load_weights(tmp_path / "NiN.pth").image_size == 80  # predict.py's input size: the final one
 
 
 def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path):
@@ -954,7 +954,7 @@ def test_bf16_autocast_on_the_cpu_learns_and_its_weights_load_in_float32(split_d
     run("train.py", *TRAIN_FLAGS, "--amp", "bf16", "--data-dir", split_data_dir, "--out-dir", out, "--weights",
         out / "NiN.pth", "--class-idx", out / "c.json", cwd=tmp_path)
     assert max(float(r["val_acc"]) for r in nin.load_csv(out / "metrics.csv")) >= 0.9
-    model, _, _ = nin.load_weights(out / "NiN.pth")
+    model = nin.load_weights(out / "NiN.pth").model
     assert {p.dtype for p in model.state_dict().values() if p.is_floating_point()} == {torch.float32}
 
 
