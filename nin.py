@@ -239,8 +239,8 @@ def eval_tensor(path: str | os.PathLike, image_size: int) -> torch.Tensor:
 
     train.py's validation and predict.py both call exactly this, so a prediction sees what validation saw.
     """
-    img = load_image(path, resize_size(image_size))
-    img = TF.resize(img, resize_size(image_size))
+    side = resize_size(image_size)
+    img = TF.resize(load_image(path, side), side)
     img = TF.center_crop(img, image_size)
     return TF.pil_to_tensor(img)
 
@@ -423,6 +423,7 @@ def stored_photos(stored: object, path: str | os.PathLike) -> torch.Tensor | Non
 # ----------------------------------------------------------------------------------------------------- reports
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (as in Guo et al. 2017)
+CALIBRATED_DRAWS = 200  # samples of a perfectly calibrated model's ECE, averaged into its floor
 NOT_SURE_KEEP = 0.95  # the default "not sure" threshold answers this share of the correctly classified photos
 
 
@@ -443,35 +444,36 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20))
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """How far the top probability is from the accuracy, averaged over equal-width confidence bins weighted
     by their photos (0: a top probability of p is right p of the time)."""
     confidence, predicted = probs.max(1)
-    return calibration_gap(confidence.double(), (predicted == labels).double(), bins)
+    return calibration_gap(confidence.double(), (predicted == labels).double())
 
 
-def calibration_gap(confidence: torch.Tensor, correct: torch.Tensor, bins: int) -> float:
+def calibration_gap(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     """The sum over bins of (photos in the bin / photos) * |accuracy - mean confidence in the bin|, that is, of
     |photos right - sum of their confidences| over all photos."""
-    which = confidence_bin(confidence, bins)
-    gap = torch.bincount(which, weights=correct, minlength=bins) - torch.bincount(which, confidence, minlength=bins)
+    which = confidence_bin(confidence)
+    gap = (torch.bincount(which, weights=correct, minlength=ECE_BINS)
+           - torch.bincount(which, confidence, minlength=ECE_BINS))
     return float(gap.abs().sum() / len(confidence))
 
 
-def confidence_bin(confidence: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
-    """Each top probability's bin among `bins` equal-width bins of [0, 1] (1.0 in the last one)."""
-    return (confidence * bins).long().clamp(0, bins - 1)
+def confidence_bin(confidence: torch.Tensor) -> torch.Tensor:
+    """Each top probability's bin among ECE_BINS equal-width bins of [0, 1] (1.0 in the last one)."""
+    return (confidence * ECE_BINS).long().clamp(0, ECE_BINS - 1)
 
 
-def ece_of_a_calibrated_model(probs: torch.Tensor, bins: int = ECE_BINS, draws: int = 200) -> float:
+def ece_of_a_calibrated_model(probs: torch.Tensor) -> float:
     """The expected calibration error that a perfectly calibrated model with these top probabilities would
     still show on this many photos: each photo is drawn right with its own top probability. On a few hundred
     photos the bins hold few photos each, so this floor is far from 0; an ECE near it is all a sample this
     size can show."""
     confidence = probs.max(1).values.double()
     generator = torch.Generator().manual_seed(0)
-    return sum(calibration_gap(confidence, torch.bernoulli(confidence, generator=generator), bins)
-               for _ in range(draws)) / draws
+    return sum(calibration_gap(confidence, torch.bernoulli(confidence, generator=generator))
+               for _ in range(CALIBRATED_DRAWS)) / CALIBRATED_DRAWS
 
 
 def not_sure_threshold(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -545,6 +547,7 @@ RUNS_DIR = ROOT / "runs"
 STALE_SECONDS = 600
 # split_data.py writes a fresh id into both train/ and val/; train.py refuses halves of different splits.
 SPLIT_ID_FILE = ".split_id"
+NAMES_SHOWN = 8  # a one-line message lists this many names (class folders, files) and counts the rest
 
 
 class CLIError(Exception):
@@ -567,16 +570,13 @@ def run_cli(main: Callable[[], None]) -> None:
             stream.reconfigure(errors="backslashreplace")
     try:
         main()
-    except CLIError as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except BrokenPipeError:  # output piped into `head` or the like, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush fails silently
         raise SystemExit(1) from None
-    except OSError as error:  # a full disk, a read-only folder, ...: what the machine said, in one line
+    except (CLIError, OSError) as error:  # OSError: a full disk, a read-only folder, ...: what the machine said
         print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError, so is the CPU's
@@ -634,10 +634,10 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def few(names: list[str], shown: int = 8) -> str:
-    """A list of names for a one-line message: the first few and how many more."""
-    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
-    return ", ".join(names[:shown])[:300] + more
+def few(names: list[str]) -> str:
+    """A list of names for a one-line message: the first NAMES_SHOWN and how many more."""
+    more = f" and {len(names) - NAMES_SHOWN:,} more" if len(names) > NAMES_SHOWN else ""
+    return ", ".join(names[:NAMES_SHOWN])[:300] + more
 
 
 def warn(message: str) -> None:

@@ -328,7 +328,7 @@ def check_readable(source: Path, classes: dict[str, list[Path]], fractions: dict
 # --------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args() -> argparse.Namespace:
     p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=None,
                    help=f"folder of per-class image folders (default: {DEFAULT_SOURCE}, downloaded if missing)")
@@ -346,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="changes which photos go to val/ (default: %(default)s)")
     p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="threads that hash and check the photos (default: %(default)s)")
-    args = p.parse_args(argv)
+    args = p.parse_args()
     if (args.folds is None) != (args.fold is None):
         p.error("--folds K and --fold I go together")
     if args.folds is not None:

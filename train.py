@@ -123,7 +123,7 @@ def main() -> None:
         progress = Progress.from_checkpoint(checkpoint, args)
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
         if args.time and clock.spent_before >= args.time and progress.epoch < args.epochs:  # at once, untimed
-            raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: nothing more to train")
+            raise nin.CLIError(f"{budget_spent(args.time)}: nothing more to train")
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
     if progress.epoch >= args.epochs:  # resumed after its last epoch: the saver only puts NiN.pth right
@@ -280,6 +280,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def with_settings(args: argparse.Namespace, **settings: object) -> argparse.Namespace:
+    """A copy of the arguments with these settings changed: a candidate recipe or plan, args left as they are."""
+    return argparse.Namespace(**{**vars(args), **settings})
+
+
 def explicit_flags(argv: list[str]) -> set[str]:
     """The destinations of the flags written on the command line (not left at their defaults)."""
     written = {token.split("=")[0] for token in argv if token.startswith("--")}
@@ -393,7 +398,7 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     if run.device.type != "cpu":
         run.say(f"--amp auto: bf16 autocast on {run.device.type}")
         return "bf16"
-    probe = argparse.Namespace(**{**vars(args), "batch_size": PROBE_BATCH, "per_process_batch": True})
+    probe = with_settings(args, batch_size=PROBE_BATCH, per_process_batch=True)
     probe_share = bf16_share(probe, num_classes, run)
     if probe_share > EMULATED_BF16_STEPS:
         choice = "off"
@@ -703,7 +708,7 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, order: 
         order = torch.arange(n)
         stop = n
     else:
-        stop = max(n // (batch_size * world), 1) * batch_size * world
+        stop = steps_per_epoch(n, batch_size, world) * batch_size * world
     mine = order[:stop][rank::world].to(images.device)
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
@@ -863,8 +868,8 @@ def make_mixer(mixup: float, cutmix: float, num_classes: int) -> RandomChoice | 
 
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     """A moving average of the weights and batch-norm statistics. Its decay ramps up as (1+t)/(10+t) to
-    `decay`: a fixed 0.999 would still hold 13% of the random initial weights after 2,000 steps, the
-    length of a short run."""
+    `decay`: a fixed 0.999 would still hold 0.999**2000, 13%, of the random initial weights after 2,000 steps,
+    which a short run may not exceed."""
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         t = int(num_averaged)
         get_ema_multi_avg_fn(min(decay, (1 + t) / (10 + t)))(averaged, current, num_averaged)
@@ -938,10 +943,11 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
                 "label_smoothing": 0.2, "weight_decay": 1e-3}
 # A budget that fits this many epochs of the default recipe gets it even while the short recipe would not fit
-# all of its own epochs: cross-validated on two CPU cores (bench/RESULTS.md), about 50 epochs of the default
-# recipe scored as well as the short recipe's whole run, so at least as well as fewer of its epochs. It also
-# matters because the recipe is chosen once: a run whose timed steps caught the machine in a slow moment plans
-# fewer epochs than will fit, and a plan may grow to its recipe's epochs but never changes recipe. Below it,
+# all of its own epochs: cross-validated on two CPU cores (bench/RESULTS.md, the entry that set it), this many
+# epochs of the default recipe scored as well as the short recipe's whole run, so at least as well as fewer of
+# its epochs. It also matters because the recipe is chosen once: a run whose timed steps caught the machine in
+# a slow moment plans fewer epochs than will fit, and a plan may grow to its recipe's epochs but never changes
+# recipe. Below it,
 # the default recipe still gets the budget once the short recipe's whole run fits with time to spare: the
 # spare time would go unused, and the default recipe calibrates better.
 MIN_DEFAULT_EPOCHS = 50
@@ -973,6 +979,16 @@ def format_duration(seconds: float) -> str:
         return f"{seconds // 60} min" + (f" {seconds % 60} s" if seconds % 60 else "")
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def format_estimate(seconds: float) -> str:
+    """A predicted duration, with no more precision than a prediction has: whole minutes from 10 minutes."""
+    return "about " + format_duration(seconds if seconds < 600 else 60 * round(seconds / 60))
+
+
+def budget_spent(limit: float) -> str:
+    """The start of the one-line error of a --resume that has no time left to train in."""
+    return f"this run's --time {format_duration(limit)} is spent"
 
 
 def validates(epoch: int, epochs: int, every: int) -> bool:
@@ -1032,7 +1048,7 @@ def full_size_step_seconds(args: argparse.Namespace, num_classes: int, amp: str,
     """Seconds per training step at the run's full image size in this precision (for --amp auto)."""
     trial = replace(run)
     trial.use_amp(amp)
-    full_size_only = argparse.Namespace(**{**vars(args), "start_size": 0})
+    full_size_only = with_settings(args, start_size=0)
     return measure_pace(full_size_only, num_classes, 1, 0, trial).step[args.image_size]
 
 
@@ -1065,7 +1081,7 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     recipes = [("the default recipe", {}), ("the short recipe", short)] if short else [("your flags' recipe", {})]
     plans = []
     for name, recipe in recipes:
-        candidate = argparse.Namespace(**{**vars(args), **recipe, "epochs": EPOCHS})
+        candidate = with_settings(args, **recipe, epochs=EPOCHS)
         steps = steps_per_epoch(len(train_set), per_process_batch(candidate, run), run.world)
         pace = measure_pace(candidate, num_classes, steps, val_photos, run)
         decoding = estimate_decoding(train_set, val_set, candidate)
@@ -1079,19 +1095,19 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     if fitted is None:
         one_epoch = steps * min(pace.step.values()) + pace.val
         raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: starting and timing this "
-                           f"machine took {format_duration(clock.spent())}, decoding takes about "
-                           f"{format_duration(decoding)} and one epoch about {format_duration(one_epoch)}")
+                           f"machine took {format_duration(clock.spent())}, decoding takes {format_estimate(decoding)} "
+                           f"and one epoch {format_estimate(one_epoch)}")
     if dist.is_initialized():  # the processes' clocks differ a little: the first one's plan is everyone's
         choice = [(name, fitted.epochs, fitted.val_every)]
         dist.broadcast_object_list(choice, src=0)
         name, epochs, every = choice[0]
         candidate, pace = next((c, p) for n, c, p, *_ in plans if n == name)
-        fitted = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
+        fitted = with_settings(candidate, epochs=epochs, val_every=every)
     fitted.plan_epochs = fitted.epochs
     run.say(f"--time {format_duration(args.time)}: {name}, {fitted.epochs} "
             f"epoch{'' if fitted.epochs == 1 else 's'} at "
             f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
-            f"{validation_schedule(fitted.epochs, fitted.val_every)} (about {format_duration(decoding)} to decode "
+            f"{validation_schedule(fitted.epochs, fitted.val_every)} ({format_estimate(decoding)} to decode "
             "first)")
     if name == "the short recipe":  # why not the default one: what a longer budget or a faster machine buys
         default_epochs = default_plan.epochs if default_plan else 0
@@ -1107,7 +1123,7 @@ def fit_epochs(candidate: argparse.Namespace, pace: Pace, steps: int, available:
     fitted = None
     for epochs in range(1, EPOCHS + 1):
         every = max(1, math.ceil(epochs * pace.val / (VAL_SHARE * budget)))
-        trial = argparse.Namespace(**{**vars(candidate), "epochs": epochs, "val_every": every})
+        trial = with_settings(candidate, epochs=epochs, val_every=every)
         if pace.seconds(trial, steps) > available:
             break
         fitted = trial
@@ -1142,7 +1158,7 @@ def most_epochs_within(seconds: float, pace: Pace, args: argparse.Namespace, ste
     """The most epochs in all, from `epoch` up to most_epochs(args), whose epochs after `epoch` take at most
     `seconds` at `slowdown` times the measured pace, validation included."""
     for epochs in range(most_epochs(args), epoch, -1):
-        plan = argparse.Namespace(**{**vars(args), "epochs": epochs})
+        plan = with_settings(args, epochs=epochs)
         if slowdown * pace.seconds(plan, steps, epoch + 1) <= seconds:
             return epochs
     return epoch
@@ -1166,20 +1182,19 @@ class Clock:
         that would end past the limit: a resumed run may have spent what was left of it timing this machine."""
         if args.time is not None:
             left = args.time - self.spent()
-            one_more = pace.seconds(argparse.Namespace(**{**vars(args), "epochs": done_epochs + 1}), steps,
-                                    done_epochs + 1)
+            one_more = pace.seconds(with_settings(args, epochs=done_epochs + 1), steps, done_epochs + 1)
             # each process measured its own pace: one verdict for all, from the tightest of them
             if all_reduce_min(torch.tensor(left - one_more, device=run.device)).item() < 0:
-                raise nin.CLIError(f"this run's --time {format_duration(args.time)} is spent: "
-                                   f"{format_duration(max(left, 0.0))} left after timing this machine and loading "
-                                   f"the photos, and one more epoch takes about {format_duration(one_more)}")
+                raise nin.CLIError(f"{budget_spent(args.time)}: {format_duration(max(left, 0.0))} left after timing "
+                                   f"this machine and loading the photos, and one more epoch takes "
+                                   f"{format_estimate(one_more)}")
         self.predicted = self.spent() + pace.seconds(args, steps, done_epochs + 1)
         self.predicted_epochs = args.epochs
         hint = ""
         if args.time is None and self.predicted > 3600:
             hint = "; `--time 30m` trains the best model that fits in 30 minutes"
         within = "" if args.time is None else f" of the {format_duration(args.time)} allowed"
-        run.say(f"this run should take about {format_duration(self.predicted)}{within} here{hint}")
+        run.say(f"this run should take {format_estimate(self.predicted)}{within} here{hint}")
 
     def epochs_that_fit(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
                         final_save: float, run: Run) -> int:
@@ -1225,7 +1240,7 @@ class Clock:
             return f"took {format_duration(spent)}{limit}"
         replanned = ("" if args.epochs == self.predicted_epochs else
                      f" for the {self.predicted_epochs} epochs planned then, {args.epochs} after re-planning")
-        return (f"took {format_duration(spent)}, predicted {format_duration(self.predicted)}{replanned} "
+        return (f"took {format_duration(spent)}, predicted {format_estimate(self.predicted)}{replanned} "
                 f"({100 * (spent / self.predicted - 1):+.0f} %){limit}")
 
 
@@ -1274,9 +1289,14 @@ class Progress:
                 f"{val}  lr {h['lr']}  {h['size']} px  {h['seconds']:.1f}s")
 
 
+def validated_epochs(history: list[dict]) -> list[dict]:
+    """The rows of metrics.csv whose epoch was validated: --time may skip some epochs' validation."""
+    return [h for h in history if h["val_acc"] != ""]
+
+
 def best_validated(history: list[dict]) -> dict | None:
     """The first epoch with the highest val accuracy (a row of metrics.csv), None if none was validated."""
-    validated = [h for h in history if h["val_acc"] != ""]  # --time may skip some epochs' validation
+    validated = validated_epochs(history)
     return max(validated, key=lambda h: float(h["val_acc"])) if validated else None
 
 
@@ -1409,7 +1429,7 @@ def save_curves(progress: Progress, path: Path) -> None:
             ax.plot(*zip(*shown, strict=True), style, markersize=3, label=split)
     if validated:
         acc_ax.axhline(best["val_acc"], color="grey", linestyle=":", linewidth=1)
-        last = [h for h in history if h["val_acc"] != ""][-1]  # the last validated epoch
+        last = validated_epochs(history)[-1]
         acc_ax.set_title(f"accuracy (best val {best['val_acc']:.1%}, epoch {best['epoch']}; "
                          f"last {last['val_acc']:.1%})")
     else:

@@ -120,7 +120,7 @@ def finish_fold(folder: Path, fold: int, seconds: float, workers: int, device: t
              **{f"p_{c}": f"{p:.6g}" for c, p in zip(classes, r["probs"].tolist(), strict=True)},
              "predicted": classes[int(r["probs"].argmax())]} for r in results]
     history = nin.load_csv(folder / "run" / "metrics.csv")
-    validated = [h for h in history if h["val_acc"] != ""]
+    validated = train.validated_epochs(history)
     best = train.best_validated(history)
     checkpoint = nin.load_torch(folder / "run" / "checkpoint.pth", "checkpoint")
     result = {"fold": fold, "photos": len(rows), "classes": classes,

@@ -532,6 +532,14 @@ def test_measured_durations_read_in_the_largest_units(seconds, shown):
     assert train.format_duration(seconds) == shown
 
 
+@pytest.mark.parametrize("seconds,shown", [(75.4, "about 75 s"), (599.4, "about 9 min 59 s"),
+                                           (1543.7, "about 26 min"), (11_430, "about 3 h 10 min")])
+def test_predictions_read_no_finer_than_a_minute_from_ten_minutes(seconds, shown):
+    import train
+
+    assert train.format_estimate(seconds) == shown
+
+
 @pytest.mark.parametrize("text", ["", "30", "30 min", "1.5h", "m", "0s", "-5m", "5m1h"])
 def test_bad_durations_are_one_line_errors(tmp_path, text):
     assert_clean_error(run("train.py", "--time", text, cwd=tmp_path, check=False), "--time")
