@@ -514,6 +514,24 @@ def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
     assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == list(range(1, 10))
 
 
+def test_two_process_torchrun_plans_one_time_budget(split_data_dir, tmp_path):
+    """--time under torchrun: each process times its own steps, the first one's plan is everyone's and every
+    re-plan is the same in all (a process planning one epoch more than the other would wait for it in a
+    collective until DIST_TIMEOUT_MINUTES), and the run ends within its budget by train.py's own clock."""
+    out = tmp_path / "run"
+    flags = ["--time", "40s", "--image-size", "80", "--start-size", "64", "--amp", "off", "--device", "cpu",
+             "--workers", "1", "--data-dir", split_data_dir, "--out-dir", out, "--weights", tmp_path / "NiN.pth",
+             "--class-idx", tmp_path / "class_idx.json"]
+    result = torchrun_two_processes(*flags, cwd=tmp_path)
+    assert result.stdout.count("--time 40 s: ") == 1, result.stdout  # one plan, printed by the first process
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    rows = nin.load_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, checkpoint["args"]["epochs"] + 1))
+    assert rows[-1]["size"] == "80" and rows[-1]["val_acc"] != ""  # the plan's last epoch, at the full size
+    took = re.search(r"took (\d+) s", result.stdout)
+    assert took and int(took.group(1)) <= 40, result.stdout
+
+
 @pytest.mark.parametrize("text,seconds,echoed", [("90s", 90, "1 min 30 s"), ("30m", 1800, "30 min"),
                                                  ("1h30m", 5400, "1 h 30 min"), ("2h", 7200, "2 h 00 min"),
                                                  ("1m5s", 65, "65 s"), ("10m30s", 630, "10 min 30 s")])
