@@ -225,8 +225,7 @@ def load_image(path: str | os.PathLike, short_side: int | None = None) -> Image.
     except UnreadableImage:
         raise
     except Exception as error:  # PIL raises many kinds of errors on damaged files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UnreadableImage(f"{path}: {reason}") from None
+        raise UnreadableImage(f"{path}: {first_line(error)}") from None
 
 
 def resize_size(image_size: int) -> int:
@@ -394,7 +393,7 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         model = NiN(**{"head_width": 0, **config})  # a NiN.pth from before head_width existed: the narrow block
         model.load_state_dict(saved["model"])
     except (RuntimeError, TypeError, ValueError) as error:
-        raise CLIError(f"{path} does not fit the NiN architecture: {str(error).splitlines()[0][:200]}") from None
+        raise CLIError(f"{path} does not fit the NiN architecture: {first_line(error)}") from None
     calibration = stored_calibration(saved.get("calibration"), path)
     return SavedWeights(model.to(device).eval(), list(classes), image_size, calibration,
                         stored_photos(saved.get("trained_on"), path))
@@ -582,8 +581,8 @@ def run_cli(main: Callable[[], None]) -> None:
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError, so is the CPU's
         if not out_of_memory(error):
             raise
-        detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
-        print(f"{name}: error: out of memory ({detail}); a smaller batch or image size needs less", file=sys.stderr)
+        print(f"{name}: error: out of memory ({first_line(error)}); a smaller batch or image size needs less",
+              file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -640,6 +639,13 @@ def few(names: list[str]) -> str:
     return ", ".join(names[:NAMES_SHOWN])[:300] + more
 
 
+def first_line(error: BaseException) -> str:
+    """What an exception says, for a one-line message: its first line, cut at 200 characters, or its type's
+    name when it says nothing (libraries' messages can run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 def warn(message: str) -> None:
     """A problem the run survives (a bad file skipped): one line on stderr, never glued to a progress bar."""
     tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -693,7 +699,7 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
     try:
         atomic_write(path, lambda f: torch.save(obj, f))
     except RuntimeError as error:  # torch's writer reports a full disk as its own error: say it as the OS would
-        raise OSError(f"cannot write {path}: {str(error).strip().splitlines()[0][:200]}") from None
+        raise OSError(f"cannot write {path}: {first_line(error)}") from None
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
@@ -711,8 +717,7 @@ def load_torch(path: str | os.PathLike, what: str) -> dict[str, Any]:
         if "Weights only load failed" in str(error):  # torch's advice to retry unsafely is the wrong one here
             raise CLIError(f"refused {what} {path}: it holds Python objects, not only tensors, and loading it "
                            f"could run code") from None
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"cannot load {what} {path}: {first_line[:200]}") from None
+        raise CLIError(f"cannot load {what} {path}: {first_line(error)}") from None
     if not isinstance(obj, dict):
         raise CLIError(f"{what} {path} does not hold a dictionary of weights")
     return obj

@@ -73,8 +73,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=nin.WORKERS, help="decoding threads (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, mps, cpu (default: cuda, else mps, else cpu)")
     args = p.parse_args()
-    if args.save is not None and args.save.suffix.lower().lstrip(".") not in figure_formats():
-        p.error(f"--save {args.save}: not a figure format matplotlib writes ({', '.join(sorted(figure_formats()))})")
     if sum(map(bool, (args.images, args.eval, args.calibrate))) != 1:
         p.error("give one of: image files or folders, --eval DIR, --calibrate SOURCE")
     if args.images and args.json and (args.save or args.heatmap):
@@ -88,6 +86,10 @@ def parse_args() -> argparse.Namespace:
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
         if value < 1:
             p.error(f"{flag} must be at least 1")
+    if args.images and not args.json:  # a figure of the images is drawn, and may be shown: matplotlib is imported
+        formats = figure_formats()  # now, so that a bad MPLBACKEND or --save format is one line before any work
+        if args.save is not None and args.save.suffix.lower().lstrip(".") not in formats:
+            p.error(f"--save {args.save}: not a figure format matplotlib writes ({', '.join(sorted(formats))})")
     return args
 
 
@@ -100,7 +102,7 @@ def figure_formats() -> set[str]:
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except (ValueError, ImportError) as error:
-        raise nin.CLIError(f"matplotlib cannot start: {str(error).splitlines()[0][:200]}") from None
+        raise nin.CLIError(f"matplotlib cannot start: {nin.first_line(error)}") from None
     return set(FigureCanvasBase.get_supported_filetypes())
 
 
@@ -514,8 +516,6 @@ def calibrate_weights(saved: nin.SavedWeights, args: argparse.Namespace, device:
 
 def main() -> None:
     args = parse_args()
-    if not (args.json or args.eval or args.calibrate):  # a figure may be shown: a bad MPLBACKEND is one line now
-        figure_formats()
     check_outputs(args)
     device = nin.pick_device(args.device)
     saved = load_model(args.weights, args.class_idx, device)

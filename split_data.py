@@ -60,7 +60,7 @@ def download(url: str, dest: Path) -> None:
 
 
 def verify_archive(archive: Path) -> None:
-    """Refuse (and delete, if we downloaded it) an archive that is not the published one."""
+    """Refuse an archive that is not the published one (fetch_flower_photos deletes one it downloaded)."""
     if archive.stat().st_size != ARCHIVE_BYTES or nin.sha256_of(archive) != ARCHIVE_SHA256:
         raise nin.CLIError(f"{archive} is not the flower_photos archive (size or sha256 differs); "
                        f"delete it and run again")

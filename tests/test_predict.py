@@ -64,7 +64,10 @@ def test_save_writes_a_figure(trained, photos, tmp_path):
 
 
 def test_folders_are_searched_and_bad_files_skipped(trained, photos, tmp_path):
-    folder = next(iter(photos.values())).parent
+    folder = tmp_path / "photos"  # a copy: the bad files stay out of the other tests' photos
+    folder.mkdir()
+    for photo in photos.values():
+        shutil.copy(photo, folder)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (folder / "notes.txt").write_text("ignored: not an image extension")
     result = predict(trained, folder, "--json")

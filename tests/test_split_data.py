@@ -448,7 +448,7 @@ def test_files_train_py_would_not_read_are_skipped_with_the_reason(source, tmp_p
     assert "red/no_extension" not in sides(tmp_path / "data")
 
 
-def test_out_inside_the_source_is_refused(source, tmp_path):
+def test_out_inside_the_source_is_refused(source):
     assert_clean_error(split(source, source / "data", check=False), "inside the source folder")
     assert_clean_error(split(source, source, check=False), "inside the source folder")
 
