@@ -373,7 +373,8 @@ class SavedWeights:
 
 def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> SavedWeights:
     """Rebuild what save_weights wrote, on any device (GPU weights load on a CPU-only machine), reading the file
-    once. A file from before calibration existed gets the raw softmax."""
+    once and checking all of it (a CLIError for anything this code did not write). A file from before
+    calibration existed gets the raw softmax."""
     saved = load_torch(path, "weights")
     config, classes, image_size = saved.get("config"), saved.get("classes"), saved.get("image_size")
     if not (isinstance(saved.get("model"), dict) and isinstance(config, dict) and isinstance(classes, list)
@@ -396,10 +397,11 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         raise CLIError(f"{path} does not fit the NiN architecture: {first_line(error)}") from None
     calibration = stored_calibration(saved.get("calibration"), path)
     return SavedWeights(model.to(device).eval(), list(classes), image_size, calibration,
-                        stored_photos(saved.get("trained_on"), path))
+                        stored_fingerprints(saved.get("trained_on"), path))
 
 
 def stored_calibration(stored: object, path: str | os.PathLike) -> Calibration:
+    """The calibration as NiN.pth holds it (None in a file from before calibration existed), checked."""
     if stored is None:
         return Calibration()
     try:
@@ -412,7 +414,8 @@ def stored_calibration(stored: object, path: str | os.PathLike) -> Calibration:
     return calibration
 
 
-def stored_photos(stored: object, path: str | os.PathLike) -> torch.Tensor | None:
+def stored_fingerprints(stored: object, path: str | os.PathLike) -> torch.Tensor | None:
+    """The training photos' fingerprints as NiN.pth holds them (None in a file from before they were kept)."""
     if stored is not None and not (isinstance(stored, torch.Tensor) and stored.dtype == torch.int64
                                    and stored.dim() == 1):
         raise CLIError(f"{path}: its list of training photos is not one this code wrote")

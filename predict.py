@@ -153,6 +153,7 @@ def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[
 
 
 def load_model(weights: Path, class_idx: Path, device: torch.device) -> nin.SavedWeights:
+    """The weights and all they hold, once class_idx.json is checked to name the same classes in the same order."""
     saved = nin.load_weights(weights, device)
     names = nin.load_class_names(class_idx)
     if names != saved.classes:

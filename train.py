@@ -123,7 +123,7 @@ def main() -> None:
         progress = Progress.from_checkpoint(checkpoint, args)
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
         if args.time and clock.spent_before >= args.time and progress.epoch < args.epochs:  # at once, untimed
-            raise nin.CLIError(f"{budget_spent(args.time)}: nothing more to train")
+            raise nin.CLIError(f"{budget_spent_message(args.time)}: nothing more to train")
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
     if progress.epoch >= args.epochs:  # resumed after its last epoch: the saver only puts NiN.pth right
@@ -943,13 +943,12 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
                 "label_smoothing": 0.2, "weight_decay": 1e-3}
 # A budget that fits this many epochs of the default recipe gets it even while the short recipe would not fit
-# all of its own epochs: cross-validated on two CPU cores (bench/RESULTS.md, the entry that set it), this many
-# epochs of the default recipe scored as well as the short recipe's whole run, so at least as well as fewer of
-# its epochs. It also matters because the recipe is chosen once: a run whose timed steps caught the machine in
-# a slow moment plans fewer epochs than will fit, and a plan may grow to its recipe's epochs but never changes
-# recipe. Below it,
-# the default recipe still gets the budget once the short recipe's whole run fits with time to spare: the
-# spare time would go unused, and the default recipe calibrates better.
+# all of its own epochs: cross-validated on two CPU cores (bench/RESULTS.md, the entry that set it), about this
+# many epochs of the default recipe scored as well as the short recipe's whole run, so at least as well as fewer
+# of its epochs. It also matters because the recipe is chosen once: a run whose timed steps caught the machine
+# in a slow moment plans fewer epochs than will fit, and a plan may grow to its recipe's epochs but never
+# changes recipe. Below it, the default recipe still gets the budget once the short recipe's whole run fits
+# with time to spare: the spare time would go unused, and the default recipe calibrates better.
 MIN_DEFAULT_EPOCHS = 50
 PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs noise, and the last save until it is timed
 VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
@@ -986,7 +985,7 @@ def format_estimate(seconds: float) -> str:
     return "about " + format_duration(seconds if seconds < 600 else 60 * round(seconds / 60))
 
 
-def budget_spent(limit: float) -> str:
+def budget_spent_message(limit: float) -> str:
     """The start of the one-line error of a --resume that has no time left to train in."""
     return f"this run's --time {format_duration(limit)} is spent"
 
@@ -1185,8 +1184,8 @@ class Clock:
             one_more = pace.seconds(with_settings(args, epochs=done_epochs + 1), steps, done_epochs + 1)
             # each process measured its own pace: one verdict for all, from the tightest of them
             if all_reduce_min(torch.tensor(left - one_more, device=run.device)).item() < 0:
-                raise nin.CLIError(f"{budget_spent(args.time)}: {format_duration(max(left, 0.0))} left after timing "
-                                   f"this machine and loading the photos, and one more epoch takes "
+                raise nin.CLIError(f"{budget_spent_message(args.time)}: {format_duration(max(left, 0.0))} left "
+                                   f"after timing this machine and loading the photos, and one more epoch takes "
                                    f"{format_estimate(one_more)}")
         self.predicted = self.spent() + pace.seconds(args, steps, done_epochs + 1)
         self.predicted_epochs = args.epochs
@@ -1325,7 +1324,8 @@ class Saver:
             calibration = None
             if self.args.weights.is_file():
                 with contextlib.suppress(nin.CLIError):
-                    calibration = nin.load_weights(self.args.weights).calibration
+                    stored = nin.load_torch(self.args.weights, "weights").get("calibration")
+                    calibration = nin.stored_calibration(stored, self.args.weights)
             self.write_weights(learner, calibration)
 
     def after_epoch(self, learner: Learner, progress: Progress, improved: bool, last: bool) -> None:
@@ -1344,7 +1344,7 @@ class Saver:
                        self.checkpoint)
         self.write_weights(learner)
         self.saved_epoch, self.saved_at = progress.epoch, time.monotonic()
-        draws = last or self.saved_at - self.drawn_at > FIGURE_SECONDS
+        draws = last or (self.saved_at - self.drawn_at > FIGURE_SECONDS and not self.near_the_limit())
         if draws:
             save_curves(progress, self.args.out_dir / "curves.png")
             if progress.best_cm is not None:
@@ -1355,6 +1355,13 @@ class Saver:
         nin.save_csv(progress.history, self.args.out_dir / "metrics.csv")  # last: a complete row = a saved epoch
         if draws:
             self.drawing_save_seconds = time.monotonic() - started
+
+    def near_the_limit(self) -> bool:
+        """Whether a --time run is in its last FIGURE_SECONDS. It draws no figures there until its last save
+        (which draws them anyway): the plan keeps time for that save only, and a drawing save just before it,
+        as a budget of under a minute met once its first drawing was FIGURE_SECONDS old, ended the run past
+        its limit."""
+        return self.args.time is not None and self.clock.spent() > self.args.time - FIGURE_SECONDS
 
     def write_weights(self, learner: Learner, calibration: nin.Calibration | None = None) -> None:
         """NiN.pth: the last epoch's weights (--keep last) or the best epoch's; then class_idx.json, which

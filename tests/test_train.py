@@ -482,10 +482,10 @@ def test_torchrun_process_group_is_left_and_freed_before_python_shuts_down():
     assert result.stdout.split() == ["left", "freed"]
 
 
-def torchrun_two_processes(*flags, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun_two_processes(*flags, cwd: Path, script: Path = ROOT / "train.py", timeout: int = 600,
+                           ) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             ROOT / "train.py", *map(str, flags)], cwd=cwd, capture_output=True, text=True,
-                            timeout=600)
+                             script, *map(str, flags)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -515,21 +515,33 @@ def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
 
 
 def test_two_process_torchrun_plans_one_time_budget(split_data_dir, tmp_path):
-    """--time under torchrun: each process times its own steps, the first one's plan is everyone's and every
-    re-plan is the same in all (a process planning one epoch more than the other would wait for it in a
-    collective until DIST_TIMEOUT_MINUTES), and the run ends within its budget by train.py's own clock."""
+    """--time under torchrun: each process keeps its own clock, and every re-plan takes the tightest of them.
+    Here the second process's clock runs 10 s ahead, so only its view of the budget ends the run in time; a
+    process that planned on its own clock would train epochs the other never joins, and wait for it in a
+    collective until DIST_TIMEOUT_MINUTES."""
+    ahead = tmp_path / "clock_ahead.py"
+    ahead.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import nin, train
+if os.environ["RANK"] == "1":
+    spent = train.Clock.spent
+    train.Clock.spent = lambda self: spent(self) + 10
+nin.run_cli(train.main)
+""")
     out = tmp_path / "run"
     flags = ["--time", "40s", "--image-size", "80", "--start-size", "64", "--amp", "off", "--device", "cpu",
              "--workers", "1", "--data-dir", split_data_dir, "--out-dir", out, "--weights", tmp_path / "NiN.pth",
              "--class-idx", tmp_path / "class_idx.json"]
-    result = torchrun_two_processes(*flags, cwd=tmp_path)
+    result = torchrun_two_processes(*flags, cwd=tmp_path, script=ahead, timeout=240)
+    assert "2 processes x batch " in result.stdout
     assert result.stdout.count("--time 40 s: ") == 1, result.stdout  # one plan, printed by the first process
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert "to end within --time 40 s" in result.stdout  # re-planned shorter for the second process's clock
     rows = nin.load_csv(out / "metrics.csv")
-    assert [int(r["epoch"]) for r in rows] == list(range(1, checkpoint["args"]["epochs"] + 1))
-    assert rows[-1]["size"] == "80" and rows[-1]["val_acc"] != ""  # the plan's last epoch, at the full size
+    assert rows[-1]["size"] == "80"  # the plan's own last epoch, not one cut short by "stopping after"
+    # By the first process's clock, 10 s behind: the second one's limit, and seconds for the last save, which only
+    # the first process's plans keep time for (it alone saves); its own view of the budget would run to 40 s.
     took = re.search(r"took (\d+) s", result.stdout)
-    assert took and int(took.group(1)) <= 40, result.stdout
+    assert took and int(took.group(1)) <= 40 - 10 + 3, result.stdout
 
 
 @pytest.mark.parametrize("text,seconds,echoed", [("90s", 90, "1 min 30 s"), ("30m", 1800, "30 min"),
@@ -708,6 +720,28 @@ def test_a_plan_of_few_epochs_says_which_it_validates(monkeypatch, split_data_di
                                     cpu_run())
     assert 3 < args.epochs < args.val_every + 3  # so validates() picks only the last 3
     assert "validating the last 3 epochs (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spent,redrawn", [(50.0, True), (75.0, False)])
+def test_a_time_run_redraws_its_figures_except_in_its_last_seconds(tmp_path, spent, redrawn):
+    """The plan keeps time for the last save, which draws the figures, and for no other drawing: so none is
+    drawn in a --time run's last FIGURE_SECONDS (here 100 s with 30 s left, or 25) but by the last save."""
+    import train
+
+    args = train.parse_args(["--time", "100s", "--out-dir", str(tmp_path), "--weights", str(tmp_path / "NiN.pth"),
+                             "--class-idx", str(tmp_path / "c.json")])
+    clock, run_ = train.Clock(), cpu_run()
+    clock.spent_before = spent
+    learner = train.Learner(nin.NiN(2, head_width=8), args, 1, run_)
+    progress = train.Progress()
+    progress.record(1, 0.5, 0.5, None, None, 0.05, 64, 1.0)
+    saver = train.Saver(args, ["a", "b"], keep_last=True, saved_epoch=0, trained_on=None, clock=clock, run=run_)
+    saver.after_epoch(learner, progress, improved=False, last=False)
+    assert (tmp_path / "checkpoint.pth").is_file()  # saved either way
+    assert (tmp_path / "curves.png").is_file() == redrawn
+    progress.record(2, 0.4, 0.6, None, None, 0.01, 64, 1.0)
+    saver.after_epoch(learner, progress, improved=False, last=True)
+    assert (tmp_path / "curves.png").is_file()  # the last save draws them
 
 
 def predicted_seconds(stdout: str) -> float:
