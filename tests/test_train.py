@@ -491,34 +491,11 @@ def torchrun_two_processes(*flags, cwd: Path, script: Path = ROOT / "train.py", 
 
 
 def test_two_process_torchrun_on_the_cpu(split_data_dir, tmp_path):
-    """DDP over gloo: one set of outputs, written by rank 0, that plain predict.py can use; then --resume."""
-    out = tmp_path / "run"
-    flags = [*TRAIN_FLAGS, "--epochs", "8", "--per-process-batch", "--device", "cpu", "--data-dir", split_data_dir,
-             "--out-dir", out, "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
-    result = torchrun_two_processes(*flags, cwd=tmp_path)
-    assert result.stdout.count("val accuracy: last epoch") == 1  # only rank 0 speaks
-    assert "2 processes x batch 8 = 16 images a step" in result.stdout
-    rows = nin.load_csv(out / "metrics.csv")
-    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
-    assert max(float(r["val_acc"]) for r in rows) >= 0.9
-    probe = draw(tmp_path / "probe.png", (220, 40, 40), seed=4242)
-    predicted = run("predict.py", probe, "--weights", tmp_path / "NiN.pth", "--class-idx",
-                    tmp_path / "class_idx.json", "--json", cwd=tmp_path)
-    assert '"class": "red"' in predicted.stdout
-
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)  # as if the run had been meant to be longer
-    checkpoint["args"]["epochs"] = 9
-    torch.save(checkpoint, out / "checkpoint.pth")
-    resumed = torchrun_two_processes("--resume", "--out-dir", out, "--device", "cpu", cwd=tmp_path)
-    assert resumed.stdout.count("resumed") == 1 and "after epoch 8" in resumed.stdout
-    assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == list(range(1, 10))
-
-
-def test_two_process_torchrun_plans_one_time_budget(split_data_dir, tmp_path):
-    """--time under torchrun: each process keeps its own clock, and every re-plan takes the tightest of them.
-    Here the second process's clock runs 10 s ahead, so only its view of the budget ends the run in time; a
-    process that planned on its own clock would train epochs the other never joins, and wait for it in a
-    collective until DIST_TIMEOUT_MINUTES."""
+    """DDP over gloo, planned by --time: one set of outputs, written by the first process, that plain predict.py
+    can use; then --resume. Each process keeps its own clock, and every re-plan takes the tightest of them: here
+    the second process's clock runs 10 s ahead, so only its view of the budget ends the run in time (a process
+    that planned on its own clock would train epochs the other never joins, and wait for it in a collective
+    until DIST_TIMEOUT_MINUTES)."""
     ahead = tmp_path / "clock_ahead.py"
     ahead.write_text(f"""import os, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -529,19 +506,33 @@ if os.environ["RANK"] == "1":
 nin.run_cli(train.main)
 """)
     out = tmp_path / "run"
-    flags = ["--time", "30s", "--image-size", "80", "--start-size", "64", "--amp", "off", "--device", "cpu",
-             "--workers", "1", "--data-dir", split_data_dir, "--out-dir", out, "--weights", tmp_path / "NiN.pth",
-             "--class-idx", tmp_path / "class_idx.json"]
+    flags = ["--time", "30s", "--batch-size", "8", "--per-process-batch", "--image-size", "80", "--start-size", "64",
+             "--amp", "off", "--device", "cpu", "--workers", "1", "--data-dir", split_data_dir, "--out-dir", out,
+             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "class_idx.json"]
     result = torchrun_two_processes(*flags, cwd=tmp_path, script=ahead, timeout=240)
-    assert "2 processes x batch " in result.stdout
-    assert result.stdout.count("--time 30 s: ") == 1, result.stdout  # one plan, printed by the first process
+    assert result.stdout.count("val accuracy: last epoch") == 1  # only the first process speaks
+    assert "2 processes x batch 8 = 16 images a step" in result.stdout
+    assert result.stdout.count("--time 30 s: ") == 1, result.stdout  # one plan, the first process's
     assert "to end within --time 30 s" in result.stdout  # re-planned shorter for the second process's clock
     rows = nin.load_csv(out / "metrics.csv")
     assert rows[-1]["size"] == "80"  # the plan's own last epoch, not one cut short by "stopping after"
+    assert max(float(r["val_acc"]) for r in rows if r["val_acc"]) >= 0.9
     # By the first process's clock, 10 s behind: the second one's limit, and seconds for the last save, which only
     # the first process's plans keep time for (it alone saves); its own view of the budget would run to 30 s.
     took = re.search(r"took (\d+) s", result.stdout)
     assert took and int(took.group(1)) <= 30 - 10 + 3, result.stdout
+    probe = draw(tmp_path / "probe.png", (220, 40, 40), seed=4242)
+    predicted = run("predict.py", probe, "--weights", tmp_path / "NiN.pth", "--class-idx",
+                    tmp_path / "class_idx.json", "--json", cwd=tmp_path)
+    assert '"class": "red"' in predicted.stdout
+
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)  # as if the run had been meant to be one
+    done = checkpoint["epoch"]  # epoch longer, without --time (resuming a --time run is tested below)
+    checkpoint["args"]["epochs"], checkpoint["args"]["time"] = done + 1, None
+    torch.save(checkpoint, out / "checkpoint.pth")
+    resumed = torchrun_two_processes("--resume", "--out-dir", out, "--device", "cpu", cwd=tmp_path)
+    assert resumed.stdout.count("resumed") == 1 and f"after epoch {done}" in resumed.stdout
+    assert [int(r["epoch"]) for r in nin.load_csv(out / "metrics.csv")] == list(range(1, done + 2))
 
 
 @pytest.mark.parametrize("text,seconds,echoed", [("90s", 90, "1 min 30 s"), ("30m", 1800, "30 min"),
