@@ -864,6 +864,25 @@ def test_a_plan_follows_the_pace_the_machine_runs_at(monkeypatch):
     assert after_epoch(19, 0.5) == 19  # no time left for another epoch: stop
 
 
+def test_a_plan_grows_only_at_the_slowest_of_its_recent_paces(monkeypatch):
+    """Growing is a choice: while one of the last three epochs ran at the measured pace, two fast ones do not grow
+    the plan by more than the time they saved (where an epoch is a large share of the budget, a plan grown in a
+    fast moment may find no epoch left to shrink in before its end, and stop with its schedule unfinished).
+    Three fast ones in a row do."""
+    import train
+
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
+    pace, steps, budget = synthetic_pace(step=0.1, val=0.1), 10, 100.0
+    recipe = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
+    args = train.fit_epochs(recipe, pace, steps, available=train.PLAN_SHARE * budget, budget=budget)
+    planned, clock = args.epochs, train.Clock()
+    plans = [simulated_epoch(clock, pace, args, steps, epoch, speed)
+             for epoch, speed in enumerate([1.0] * 3 + [0.8, 0.8, 1.0] * 3, start=1)]
+    assert max(plans) <= planned + 1  # at the median of the last three, 0.8, it grew to all 120
+    plans = [simulated_epoch(clock, pace, args, steps, epoch, 0.8) for epoch in range(13, 16)]
+    assert plans[-1] > planned + 5
+
+
 @pytest.mark.parametrize("final_save", [0.0, 4.0])
 @pytest.mark.parametrize("paces", [[0.5] * 20 + [1.0] * 200, [0.5] * 20 + [2.0] * 200, [0.5, 0.5, 0.5, 1.0] * 60,
                                    [0.5] * 5 + [1.0] * 3 + [0.5] * 3 + [2.0] * 200, [1.0, 2.0, 2.0, 0.5] * 60])
