@@ -1346,7 +1346,8 @@ class Saver:
                        self.checkpoint)
         self.write_weights(learner)
         self.saved_epoch, self.saved_at = progress.epoch, time.monotonic()
-        draws = last or (self.saved_at - self.drawn_at > FIGURE_SECONDS and not self.near_the_limit())
+        first = self.drawn_at == -math.inf  # it times the drawing, which the plan keeps time for at the end
+        draws = last or first or (self.saved_at - self.drawn_at > FIGURE_SECONDS and not self.near_the_limit())
         if draws:
             save_curves(progress, self.args.out_dir / "curves.png")
             if progress.best_cm is not None:
@@ -1359,9 +1360,9 @@ class Saver:
             self.drawing_save_seconds = time.monotonic() - started
 
     def near_the_limit(self) -> bool:
-        """Whether a --time run is in its last FIGURE_SECONDS. It draws no figures there until its last save
-        (which draws them anyway): the plan keeps time for that save only, and a drawing save just before it,
-        as a budget of under a minute met once its first drawing was FIGURE_SECONDS old, ended the run past
+        """Whether a --time run is in its last FIGURE_SECONDS, where it redraws no figures until its last save
+        (which draws them anyway). The plan keeps time for that save only: in a budget under a minute, the
+        redrawing due FIGURE_SECONDS after the first save fell just before the last one, and the run ended past
         its limit."""
         return self.args.time is not None and self.clock.spent() > self.args.time - FIGURE_SECONDS
 

@@ -715,8 +715,9 @@ def test_a_plan_of_few_epochs_says_which_it_validates(monkeypatch, split_data_di
 
 @pytest.mark.parametrize("spent,redrawn", [(50.0, True), (75.0, False)])
 def test_a_time_run_redraws_its_figures_except_in_its_last_seconds(tmp_path, spent, redrawn):
-    """The plan keeps time for the last save, which draws the figures, and for no other drawing: so none is
-    drawn in a --time run's last FIGURE_SECONDS (here 100 s with 30 s left, or 25) but by the last save."""
+    """The plan keeps time for the last save, which draws the figures, and for no other drawing: so a --time run
+    redraws none in its last FIGURE_SECONDS (here 100 s with 50 or 25 s left) but in the last save. Its first
+    save draws them wherever it falls: it times the drawing that the plan keeps time for."""
     import train
 
     args = train.parse_args(["--time", "100s", "--out-dir", str(tmp_path), "--weights", str(tmp_path / "NiN.pth"),
@@ -725,14 +726,18 @@ def test_a_time_run_redraws_its_figures_except_in_its_last_seconds(tmp_path, spe
     clock.spent_before = spent
     learner = train.Learner(nin.NiN(2, head_width=8), args, 1, run_)
     progress = train.Progress()
-    progress.record(1, 0.5, 0.5, None, None, 0.05, 64, 1.0)
     saver = train.Saver(args, ["a", "b"], keep_last=True, saved_epoch=0, trained_on=None, clock=clock, run=run_)
-    saver.after_epoch(learner, progress, improved=False, last=False)
-    assert (tmp_path / "checkpoint.pth").is_file()  # saved either way
-    assert (tmp_path / "curves.png").is_file() == redrawn
-    progress.record(2, 0.4, 0.6, None, None, 0.01, 64, 1.0)
+    curves = tmp_path / "curves.png"
+    for epoch in (1, 2):
+        progress.record(epoch, 0.5, 0.5, None, None, 0.05, 64, 1.0)
+        saver.saved_at -= train.SAVE_SECONDS  # as if this epoch ended SAVE_SECONDS after the last save...
+        saver.drawn_at -= train.FIGURE_SECONDS  # ...and FIGURE_SECONDS after the last drawing
+        saver.after_epoch(learner, progress, improved=False, last=False)
+        assert (tmp_path / "checkpoint.pth").is_file() and curves.is_file() == (epoch == 1 or redrawn)
+        curves.unlink(missing_ok=True)
+    progress.record(3, 0.4, 0.6, None, None, 0.01, 64, 1.0)
     saver.after_epoch(learner, progress, improved=False, last=True)
-    assert (tmp_path / "curves.png").is_file()  # the last save draws them
+    assert curves.is_file()  # the last save draws them
 
 
 def predicted_seconds(stdout: str) -> float:
