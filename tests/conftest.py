@@ -128,9 +128,11 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
         assert fragment in result.stderr, (fragment, result.stderr)
 
 
-# Small enough for seconds on a CPU, enough steps (60) for batch norm's running statistics to settle.
+# Small enough for seconds on a CPU, enough steps (60) for batch norm's running statistics to settle. --amp off:
+# auto would time both precisions first, on a CPU without native bf16 for longer than these runs train; the tests
+# that are about --amp auto add "--amp", "auto" (the last value given wins).
 TRAIN_FLAGS = ("--epochs", "6", "--batch-size", "8", "--image-size", "64", "--lr", "0.05", "--warmup-epochs", "1",
-               "--workers", "2")
+               "--workers", "2", "--amp", "off")
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +149,7 @@ def trained(split_data_dir, tmp_path_factory) -> dict[str, Path]:
     """One short training run on the colour task, in a real process as a user starts it; its outputs, shared
     by the tests that only read them."""
     out = tmp_path_factory.mktemp("trained")
-    result = run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--weights", out / "NiN.pth",
+    result = run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--amp", "auto", "--weights", out / "NiN.pth",
                  "--class-idx", out / "class_idx.json", "--out-dir", out / "run", cwd=out, process=True)
     return {"dir": out, "weights": out / "NiN.pth", "class_idx": out / "class_idx.json",
             "run": out / "run", "stdout": result.stdout}

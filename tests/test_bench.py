@@ -54,7 +54,8 @@ def test_sweep_refuses_a_config_without_a_name(tmp_path):
 
 def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
     source = make_dataset(tmp_path / "source", per_class=12)
-    args = ["--folds", "2", "--source", source, "--out", tmp_path / "cv", "--", *TRAIN_FLAGS, "--epochs", "1"]
+    args = ["--folds", "2", "--parallel", "2", "--source", source, "--out", tmp_path / "cv", "--", *TRAIN_FLAGS,
+            "--epochs", "1"]
     first = run("bench/cv.py", *args, cwd=tmp_path)
     rows = nin.load_csv(tmp_path / "cv" / "oof_predictions.csv")
     assert sorted(r["photo"] for r in rows) == sorted(f"{c}/{f.name}" for c in COLOURS for f in (source / c).iterdir())
@@ -98,7 +99,8 @@ def test_cross_validation_scores_every_photo_once_and_pools_them(tmp_path):
 
 def test_cross_validation_resumes_a_fold_cut_short(tmp_path):
     source = make_dataset(tmp_path / "source", per_class=12)
-    args = ["--folds", "2", "--source", source, "--out", tmp_path / "cv", "--", *TRAIN_FLAGS, "--epochs", "2"]
+    args = ["--folds", "2", "--parallel", "2", "--source", source, "--out", tmp_path / "cv", "--", *TRAIN_FLAGS,
+            "--epochs", "2"]
     run("bench/cv.py", *args, cwd=tmp_path)
     fold = tmp_path / "cv" / "fold-1"
     checkpoint = torch.load(fold / "run" / "checkpoint.pth", weights_only=True)

@@ -357,17 +357,17 @@ def test_special_files_are_skipped_never_waited_on(trained, photos, tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     result = run("predict.py", fifo, photos[("red", "RGB")], "--json", "--weights", trained["weights"],
-                 "--class-idx", trained["class_idx"], cwd=tmp_path, process=True)
+                 "--class-idx", trained["class_idx"], cwd=tmp_path)
     assert "pipe.jpg: not a regular file" in result.stderr and len(json.loads(result.stdout)) == 1
     alone = run("predict.py", fifo, "--weights", trained["weights"], "--class-idx", trained["class_idx"],
-                cwd=tmp_path, check=False, process=True)
+                cwd=tmp_path, check=False)
     assert_clean_error(alone, "not a regular file")
     folder = tmp_path / "folder"  # among the photos of a folder, too
     folder.mkdir()
     fifo.rename(folder / "pipe.jpg")
     shutil.copy(photos[("red", "RGB")], folder)
     result = run("predict.py", folder, "--json", "--weights", trained["weights"], "--class-idx", trained["class_idx"],
-                 cwd=tmp_path, process=True)
+                 cwd=tmp_path)
     assert "pipe.jpg: not a regular file" in result.stderr and len(json.loads(result.stdout)) == 1
 
 
@@ -378,9 +378,9 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
     name = os.fsencode(tmp_path) + b"/fleur-\xe9t\xe9.jpg"  # Latin-1, as an old camera or archive may write
     with open(name, "wb") as f:
         f.write(photos[("red", "RGB")].read_bytes())
-    for flags in (["--save", tmp_path / "p.png"], ["--json"]):
+    for flags, process in ((["--save", tmp_path / "p.png"], True), (["--json"], False)):  # a real stdout for text
         result = run("predict.py", os.fsdecode(name), *flags, "--weights", trained["weights"], "--class-idx",
-                     trained["class_idx"], cwd=tmp_path, process=True)
+                     trained["class_idx"], cwd=tmp_path, process=process)
         assert "fleur-\\udce9t\\udce9.jpg" in result.stdout and "Traceback" not in result.stderr
 
 

@@ -125,8 +125,8 @@ def test_interrupted_run_loses_nothing_and_resumes_at_the_right_epoch(split_data
     signal, so the run is always cut midway.)"""
     out = tmp_path / "run"
     weights, class_idx = tmp_path / "NiN.pth", tmp_path / "class_idx.json"
-    flags = [*TRAIN_FLAGS, "--epochs", "6", "--data-dir", split_data_dir, "--out-dir", out,
-             "--weights", weights, "--class-idx", class_idx]
+    flags = [*TRAIN_FLAGS, "--amp", "auto", "--data-dir", split_data_dir, "--out-dir", out, "--weights", weights,
+             "--class-idx", class_idx]
     # SIG_DFL first: a shell that starts jobs in the background makes them ignore Ctrl-C, and Python then
     # never turns it into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, ROOT / "train.py", *map(str, flags)], cwd=tmp_path,
@@ -1220,9 +1220,10 @@ def test_resume_after_the_class_folders_changed_is_refused(trained, split_data_d
 def test_a_resumed_run_draws_the_same_random_numbers_as_an_uninterrupted_one(split_data_dir, tmp_path):
     """The step schedule does not depend on the number of epochs, so a 2-epoch run resumed for a third must
     repeat the 3-epoch run's third epoch exactly: same crops, same flips, same mixing."""
-    # --amp off: auto times both precisions in each process, and a close call may go either way
-    flags = [*TRAIN_FLAGS, "--schedule", "step", "--step-epochs", "100", "--mixup", "0.2", "--amp", "off",
-             "--data-dir", split_data_dir]
+    # (TRAIN_FLAGS' --amp off matters here too: auto times both precisions in each process, and a close call may
+    # go either way.)
+    flags = [*TRAIN_FLAGS, "--schedule", "step", "--step-epochs", "100", "--mixup", "0.2", "--data-dir",
+             split_data_dir]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for out, epochs in ((whole, "3"), (cut, "2")):
         run("train.py", *flags, "--epochs", epochs, "--out-dir", out, "--weights", out / "NiN.pth",
