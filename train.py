@@ -143,8 +143,7 @@ def main() -> None:
             size = training_size(epoch, args.epochs, args.start_size, args.image_size)
             train_loss, train_acc = train_one_epoch(learner, data.batches(epoch), data.steps, size, run,
                                                     desc=f"epoch {epoch}/{args.epochs} ({size} px)")
-            fits = clock.epochs_that_fit(pace, args, data.steps, epoch, time.perf_counter() - start,
-                                         saver.drawing_save_seconds, run)
+            fits = clock.epochs_that_fit(pace, args, data.steps, epoch, time.perf_counter() - start, run)
             if fits != args.epochs:  # --time on a machine slower or faster than measured
                 args.epochs = fits
                 learner.reschedule(fits)
@@ -1165,16 +1164,38 @@ def most_epochs_within(seconds: float, pace: Pace, args: argparse.Namespace, ste
 
 class Clock:
     """The run's wall time: since this process started, plus earlier runs of the same training (--resume);
-    the prediction made before the first epoch, and the --time limit."""
+    the prediction made before the first epoch, what saving takes, and the --time limit."""
 
     def __init__(self) -> None:
         self.started, self.spent_before = time.monotonic(), 0.0
         self.predicted: float | None = None  # stays None when a finished run is resumed
         self.predicted_epochs = 0  # the epochs the prediction was for: a --time run may re-plan after it
         self.slowness: list[float] = []  # each epoch's training time over the measured pace's
+        # How long the last save that drew the figures took, as the final one does (only the first process saves:
+        # the others keep 0, and epochs_that_fit takes the smallest plan of all); and the seconds spent saving
+        # since the first save ended, which the measured pace leaves out.
+        self.drawing_save = 0.0
+        self.saving = 0.0
+        self.saving_since: float | None = None
 
     def spent(self) -> float:
         return self.spent_before + time.monotonic() - self.started
+
+    def saved(self, seconds: float, drew: bool) -> None:
+        """A save after an epoch took `seconds`, the figures drawn too if `drew`."""
+        if drew:
+            self.drawing_save = seconds
+        if self.saving_since is None:  # the first save draws the figures whatever the time: not the usual rate
+            self.saving_since = self.spent()
+        else:
+            self.saving += seconds
+
+    def saving_share(self) -> float:
+        """The share of the time since the first save that went to saving. Saves come at most every SAVE_SECONDS
+        and draw at most every FIGURE_SECONDS, so with short epochs their cost follows the time more than the
+        epochs; on a CPU, where every epoch saves and draws, it is a few percent of either."""
+        elapsed = 0.0 if self.saving_since is None else self.spent() - self.saving_since
+        return self.saving / elapsed if elapsed > 0 else 0.0
 
     def predict(self, pace: Pace, args: argparse.Namespace, steps: int, done_epochs: int, run: Run) -> None:
         """Print what the whole run should take, from the measured pace. Under --time, refuse to start an epoch
@@ -1196,22 +1217,25 @@ class Clock:
         run.say(f"this run should take {format_estimate(self.predicted)}{within} here{hint}")
 
     def epochs_that_fit(self, pace: Pace, args: argparse.Namespace, steps: int, epoch: int, train_seconds: float,
-                        final_save: float, run: Run) -> int:
+                        run: Run) -> int:
         """--time, after each epoch: how many epochs the run can have in all and still end within the limit, at
         the pace of its last epochs (the machine may be slower or faster than measured, or change its pace for
         a while). Fewer while the plan no longer fits (the caller lays the learning-rate schedule and the
         training sizes out again for them), and more, up to the recipe's EPOCHS, as far as the time left
         allows while the machine runs faster; `epoch` when not even one more epoch fits. Re-planning
         rather than stopping at the limit keeps what makes the end of a run good: the learning rate annealed
-        to 0 and the last epochs at the full image size. `final_save` is what the save after the last epoch
-        takes (it draws the figures), which a short budget must leave free. The same answer in every process."""
+        to 0 and the last epochs at the full image size. The saves between epochs take their share of the time
+        left, and the save after the last epoch (it draws the figures), which a short budget must leave free,
+        what the last drawing save took. The same answer in every process."""
         if args.time is None:
             return args.epochs
         self.slowness.append(train_seconds / pace.training(args, steps, epoch))
         # A process's first epoch pays one-off costs: the measured pace stands until the next epochs say more.
-        recent = self.slowness[1:][-3:] or [1.0]
+        # The paces below include the saves, as the time left must, and so does the pace the message tells.
+        with_saves = 1 / (1 - self.saving_share())
+        recent = [slowness * with_saves for slowness in self.slowness[1:][-3:]] or [1.0]
         slowdown = statistics.median(recent)
-        done = self.spent() + slowdown * pace.val + final_save  # this epoch may be validated; the run ends saved
+        done = self.spent() + slowdown * pace.val + self.drawing_save  # this epoch may be validated; the run ends saved
         # A plan shrinks when it no longer ends within half the slack it was planned with (the other half
         # absorbs noise), and grows only as far as it fits within the plan's own share: between the two, timing
         # noise does not move it. It grows at the slowest of the recent paces: growing is a choice, and where an
@@ -1313,9 +1337,6 @@ class Saver:
         self.trained_on = trained_on
         self.checkpoint = args.out_dir / "checkpoint.pth"
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
-        # How long the last save that drew the figures took, as the final one does. Only the first process saves:
-        # the others keep 0, and epochs_that_fit takes the smallest plan of all.
-        self.drawing_save_seconds = 0.0
         self.best: dict | None = None  # the best epoch's weights (--keep best), on the CPU
 
     def resume(self, checkpoint: dict, learner: Learner) -> None:
@@ -1356,8 +1377,7 @@ class Saver:
                                           f"val, best epoch {best_epoch}: {progress.best_acc:.1%}")
             self.drawn_at = time.monotonic()
         nin.save_csv(progress.history, self.args.out_dir / "metrics.csv")  # last: a complete row = a saved epoch
-        if draws:
-            self.drawing_save_seconds = time.monotonic() - started
+        self.clock.saved(time.monotonic() - started, draws)
 
     def near_the_limit(self) -> bool:
         """Whether a --time run is in its last FIGURE_SECONDS, where it redraws no figures until its last save

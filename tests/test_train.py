@@ -810,17 +810,20 @@ def cpu_run():
                      torch.amp.GradScaler("cpu", enabled=False))
 
 
-def simulated_epoch(clock, pace, args, steps: int, epoch: int, speed: float, final_save: float = 0.0) -> int:
+def simulated_epoch(clock, pace, args, steps: int, epoch: int, speed: float, save: float = 0.0) -> int:
     """Epoch `epoch` trained at `speed` times the measured pace: the plan after it, as train.py re-plans (and
-    then validates, at the same pace), for a run whose last save takes `final_save` seconds. The clock has to be
-    one whose spent() is its spent_before."""
+    then validates, at the same pace, and unless it is the last saves for `save` seconds). The clock has to be one
+    whose spent() is its spent_before."""
     import train
 
     training = speed * pace.training(args, steps, epoch)
     clock.spent_before += training
-    args.epochs = clock.epochs_that_fit(pace, args, steps, epoch, training, final_save, cpu_run())
+    args.epochs = clock.epochs_that_fit(pace, args, steps, epoch, training, cpu_run())
     if train.validates(epoch, args.epochs, args.val_every):
         clock.spent_before += speed * pace.val
+    if epoch < args.epochs:
+        clock.spent_before += save
+        clock.saved(save, drew=False)
     return args.epochs
 
 
@@ -888,6 +891,25 @@ def test_a_plan_grows_only_at_the_slowest_of_its_recent_paces(monkeypatch):
     assert plans[-1] > planned + 5
 
 
+def test_the_saves_between_epochs_count_in_the_plan_from_its_first_epochs(monkeypatch, capsys):
+    """The measured pace times training and validation steps; the saves between epochs (the checkpoint, and the
+    figures) come on top of them. A plan takes them in from its first epochs and shrinks while its schedule can
+    still be laid out again gently, telling the pace it then runs at, rather than near its end, at what would
+    read as the full pace."""
+    import train
+
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
+    pace, steps, budget = synthetic_pace(step=0.1, val=0.1), 10, 100.0  # 0.8-1.1 s an epoch, and 0.1 s to save
+    recipe = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
+    args = train.fit_epochs(recipe, pace, steps, available=train.PLAN_SHARE * budget, budget=budget)
+    planned, clock, plans = args.epochs, train.Clock(), []
+    while len(plans) < args.epochs:
+        plans.append(simulated_epoch(clock, pace, args, steps, len(plans) + 1, speed=1.0, save=0.1))
+    assert plans[4] < planned and clock.spent() <= budget
+    said = [int(p) for p in re.findall(r"at (\d+)% of the measured pace", capsys.readouterr().out)]
+    assert said and max(said) < 100
+
+
 @pytest.mark.parametrize("final_save", [0.0, 4.0])
 @pytest.mark.parametrize("paces", [[0.5] * 20 + [1.0] * 200, [0.5] * 20 + [2.0] * 200, [0.5, 0.5, 0.5, 1.0] * 60,
                                    [0.5] * 5 + [1.0] * 3 + [0.5] * 3 + [2.0] * 200, [1.0, 2.0, 2.0, 0.5] * 60])
@@ -902,9 +924,10 @@ def test_a_run_whose_pace_switches_ends_within_its_budget(monkeypatch, paces, fi
     recipe = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
     args = train.fit_epochs(recipe, pace, steps, available=train.PLAN_SHARE * budget, budget=budget)
     clock, epoch, plans = train.Clock(), 0, set()
+    clock.drawing_save = final_save  # what the last save will take
     while epoch < args.epochs:
         epoch += 1
-        plans.add(simulated_epoch(clock, pace, args, steps, epoch, paces[epoch - 1], final_save))
+        plans.add(simulated_epoch(clock, pace, args, steps, epoch, paces[epoch - 1]))
     assert clock.spent() + final_save <= budget
     assert max(plans) > min(plans) and epoch == args.epochs  # it did re-plan, and ended its last plan
 
@@ -923,7 +946,7 @@ def test_one_last_epoch_past_the_plan_must_fit_at_the_slowest_recent_pace(monkey
     clock = train.Clock()
     clock.slowness, clock.spent_before = [1.0, 1.0, 1.0], 98.5  # its validation still to come: 1.4 s left after it
     training = last_speed * pace.training(args, steps, 20)
-    assert clock.epochs_that_fit(pace, args, steps, 20, training, 0.0, cpu_run()) == fits
+    assert clock.epochs_that_fit(pace, args, steps, 20, training, cpu_run()) == fits
 
 
 def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
@@ -936,7 +959,7 @@ def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     assert set(pace.step) == {112, 128, 144, 160}  # every size a re-plan may lay out, not only the last two's
     resumed = train.Clock()
     resumed.spent_before = 50.0  # 45 s of the plan's share left: 81 more epochs at 0.55 s each fit
-    assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), 0.0, cpu_run()) == 2 + 81
+    assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 2 + 81
 
 @pytest.mark.parametrize("probe_share,share,chosen,said", [
     (1.0, 0.5, "bf16", "bf16 autocast on this CPU (a bf16 step took 50% of a float32 one)"),
