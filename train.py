@@ -1193,7 +1193,7 @@ class Clock:
     def saving_share(self) -> float:
         """The share of the time since the first save that went to saving. Saves come at most every SAVE_SECONDS
         and draw at most every FIGURE_SECONDS, so with short epochs their cost follows the time more than the
-        epochs; on a CPU, where every epoch saves and draws, it is a few percent of either."""
+        epochs; where an epoch is longer than both, every epoch saves and draws."""
         elapsed = 0.0 if self.saving_since is None else self.spent() - self.saving_since
         return self.saving / elapsed if elapsed > 0 else 0.0
 
