@@ -81,6 +81,9 @@ BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0,
 # this, so there every epoch is saved.
 SAVE_SECONDS = 10
 FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing is slow)
+# A --time run tells a re-plan at most this often: with short epochs the plan moves by an epoch or two at almost
+# every one, and the epoch lines show the plan in between.
+REPLAN_NOTE_SECONDS = 30
 # --amp auto on a CPU takes bf16 only where it clearly pays: two timed steps are noisy, and a close call is not
 # worth bf16's coarser arithmetic.
 BF16_SHARE = 0.8
@@ -1171,6 +1174,7 @@ class Clock:
         self.predicted: float | None = None  # stays None when a finished run is resumed
         self.predicted_epochs = 0  # the epochs the prediction was for: a --time run may re-plan after it
         self.slowness: list[float] = []  # each epoch's training time over the measured pace's
+        self.replan_told_at = -math.inf
         # How long the last save that drew the figures took, as the final one does (only the first process saves:
         # the others keep 0, and epochs_that_fit takes the smallest plan of all); and the seconds spent saving
         # since the first save ended, which the measured pace leaves out.
@@ -1252,7 +1256,8 @@ class Clock:
         if fits == epoch < args.epochs:
             run.say(f"stopping after epoch {epoch} of {args.epochs}: another epoch would end past --time "
                     f"{format_duration(args.time)} at this pace", write=tqdm.write)
-        elif fits != args.epochs:
+        elif fits != args.epochs and self.spent() - self.replan_told_at >= REPLAN_NOTE_SECONDS:
+            self.replan_told_at = self.spent()
             run.say(f"at {1 / slowdown:.0%} of the measured pace: {fits} epochs in all instead of {args.epochs}, "
                     f"to {'end within' if fits < args.epochs else 'fill'} --time {format_duration(args.time)} "
                     f"(the learning rate and the training sizes laid out again for them)", write=tqdm.write)

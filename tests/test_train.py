@@ -914,7 +914,7 @@ def test_the_saves_between_epochs_count_in_the_plan_from_its_first_epochs(monkey
 @pytest.mark.parametrize("final_save", [0.0, 4.0])
 @pytest.mark.parametrize("paces", [[0.5] * 20 + [1.0] * 200, [0.5] * 20 + [2.0] * 200, [0.5, 0.5, 0.5, 1.0] * 60,
                                    [0.5] * 5 + [1.0] * 3 + [0.5] * 3 + [2.0] * 200, [1.0, 2.0, 2.0, 0.5] * 60])
-def test_a_run_whose_pace_switches_ends_within_its_budget(monkeypatch, paces, final_save):
+def test_a_run_whose_pace_switches_ends_within_its_budget(monkeypatch, capsys, paces, final_save):
     """Planned at the measured pace; the machine then runs at `paces` (times the measured pace), epoch by epoch:
     growing while it is fast must not make the run end past its --time when it slows down again, nor must its
     last save (which draws the figures) when it takes most of the plan's slack."""
@@ -931,6 +931,8 @@ def test_a_run_whose_pace_switches_ends_within_its_budget(monkeypatch, paces, fi
         plans.add(simulated_epoch(clock, pace, args, steps, epoch, paces[epoch - 1]))
     assert clock.spent() + final_save <= budget
     assert max(plans) > min(plans) and epoch == args.epochs  # it did re-plan, and ended its last plan
+    told = capsys.readouterr().out.count("of the measured pace")  # at most every REPLAN_NOTE_SECONDS
+    assert 1 <= told <= budget / train.REPLAN_NOTE_SECONDS + 1
 
 
 @pytest.mark.parametrize("last_speed,fits", [(1.0, 21), (1.6, 20)])
