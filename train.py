@@ -1075,46 +1075,83 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     many epochs as fit. Flags given on the command line are kept in both. Decoding is estimated from a sample
     of photos. Flags that set everything the short recipe changes leave one candidate, planned alone. Under
     torchrun every process measures the candidates and the first one's choice is everyone's."""
-    train_set, val_set = photos
-    num_classes, val_photos = len(train_set.classes), len(val_set or [])
     short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
-    # one candidate when the flags leave the short recipe nothing to change: never measured twice, nor called short
-    recipes = [("the default recipe", {}), ("the short recipe", short)] if short else [("your flags' recipe", {})]
-    plans = []
-    for name, recipe in recipes:
-        candidate = with_settings(args, **recipe, epochs=EPOCHS)
-        steps = steps_per_epoch(len(train_set), per_process_batch(candidate, run), run.world)
-        pace = measure_pace(candidate, num_classes, steps, val_photos, run)
-        decoding = estimate_decoding(train_set, val_set, candidate)
-        available = PLAN_SHARE * args.time - clock.spent() - decoding
-        plans.append((name, candidate, pace, steps, decoding,
-                      fit_epochs(candidate, pace, steps, available, args.time)))
-    default_plan, short_plan = plans[0][-1], plans[-1][-1]
-    default_fits = len(plans) == 1 or (default_plan is not None and (
-        default_plan.epochs >= MIN_DEFAULT_EPOCHS or (short_plan is not None and short_plan.epochs == EPOCHS)))
-    name, candidate, pace, steps, decoding, fitted = plans[0 if default_fits else 1]
-    if fitted is None:
-        one_epoch = steps * min(pace.step.values()) + pace.val
+    if not short:  # the flags leave the short recipe nothing to change: never measured twice, nor called short
+        name, plans = "your flags' recipe", {"your flags' recipe": plan_candidate(args, photos, clock, run)}
+    else:  # the short recipe first: whether all its epochs fit decides how much of the default one to measure
+        short_plan = plan_candidate(with_settings(args, **short), photos, clock, run)
+        whole = torch.tensor(int(short_plan.epochs() == EPOCHS), device=run.device)
+        short_fits_whole = bool(all_reduce_min(whole).item())  # the same in every process: they measure alike
+        default_plan = plan_candidate(args, photos, clock, run, at_least=0 if short_fits_whole else MIN_DEFAULT_EPOCHS)
+        default_wins = short_fits_whole or default_plan.epochs() >= MIN_DEFAULT_EPOCHS
+        name = "the default recipe" if default_wins else "the short recipe"
+        plans = {"the default recipe": default_plan, "the short recipe": short_plan}
+    chosen = plans[name]
+    if chosen.fitted is None:
+        one_epoch = chosen.steps * min(chosen.pace.step.values()) + chosen.pace.val
         raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: starting and timing this "
-                           f"machine took {format_duration(clock.spent())}, decoding takes {format_estimate(decoding)} "
-                           f"and one epoch {format_estimate(one_epoch)}")
+                           f"machine took {format_duration(clock.spent())}, decoding takes "
+                           f"{format_estimate(chosen.decoding)} and one epoch {format_estimate(one_epoch)}")
+    fitted = chosen.fitted
     if dist.is_initialized():  # the processes' clocks differ a little: the first one's plan is everyone's
         choice = [(name, fitted.epochs, fitted.val_every)]
         dist.broadcast_object_list(choice, src=0)
         name, epochs, every = choice[0]
-        candidate, pace = next((c, p) for n, c, p, *_ in plans if n == name)
-        fitted = with_settings(candidate, epochs=epochs, val_every=every)
+        chosen = plans[name]
+        fitted = with_settings(chosen.settings, epochs=epochs, val_every=every)
     fitted.plan_epochs = fitted.epochs
     run.say(f"--time {format_duration(args.time)}: {name}, {fitted.epochs} "
             f"epoch{'' if fitted.epochs == 1 else 's'} at "
-            f"{', '.join(map(str, sorted(set(pace.step))))} px, batch {fitted.batch_size}, validating "
-            f"{validation_schedule(fitted.epochs, fitted.val_every)} ({format_estimate(decoding)} to decode "
+            f"{', '.join(map(str, sorted(set(chosen.pace.step))))} px, batch {fitted.batch_size}, validating "
+            f"{validation_schedule(fitted.epochs, fitted.val_every)} ({format_estimate(chosen.decoding)} to decode "
             "first)")
     if name == "the short recipe":  # why not the default one: what a longer budget or a faster machine buys
-        default_epochs = default_plan.epochs if default_plan else 0
-        run.say(f"  (only {default_epochs} epoch{'' if default_epochs == 1 else 's'} of the default recipe fit here; "
-                f"it gets the budget from {MIN_DEFAULT_EPOCHS})")
-    return fitted, pace
+        run.say(f"  (at most {plans['the default recipe'].epochs()} epochs of the default recipe fit here; it gets "
+                f"the budget from {MIN_DEFAULT_EPOCHS})")
+    return fitted, chosen.pace
+
+
+@dataclass
+class Candidate:
+    """A recipe planned for the budget: its measured pace and its steps per epoch, the decoding it needs first,
+    and the most epochs of it that fit (None: not even one). Where a lower bound on its epochs' time already shows
+    that fewer than the epochs asked for fit, `pace` holds the smallest size's step only, and `bound` that bound."""
+
+    settings: argparse.Namespace
+    pace: Pace
+    steps: int
+    decoding: float
+    fitted: argparse.Namespace | None
+    bound: int | None = None
+
+    def epochs(self) -> int:
+        """The most epochs that fit: the plan's, or the bound's."""
+        return self.bound if self.bound is not None else self.fitted.epochs if self.fitted else 0
+
+
+def plan_candidate(args: argparse.Namespace, photos: tuple[ImageFolder, ImageFolder | None], clock: Clock,
+                   run: Run, at_least: int = 0) -> Candidate:
+    """The most epochs of these settings that fit in what is left of --time, from timed steps at each training
+    size. With `at_least`, a few steps at the smallest size come first, and where even that many epochs of them
+    would not fit, the other sizes go untimed: on a slow CPU, timing the default recipe's large images takes a
+    good part of a short budget, to learn only that the recipe does not get it. Under torchrun the processes
+    agree on that, from the fastest of them."""
+    train_set, val_set = photos
+    num_classes = len(train_set.classes)
+    candidate = with_settings(args, epochs=EPOCHS)
+    steps = steps_per_epoch(len(train_set), per_process_batch(candidate, run), run.world)
+    decoding = estimate_decoding(train_set, val_set, candidate)
+    if at_least:
+        smallest = min(stage_sizes(candidate.start_size, candidate.image_size)[-most_epochs(candidate):])
+        probe = measure_pace(with_settings(candidate, image_size=smallest, start_size=0), num_classes, steps, 0, run)
+        left = PLAN_SHARE * args.time - clock.spent() - decoding
+        bound = max(int(left // (steps * probe.step[smallest])), 0)
+        bound = -int(all_reduce_min(torch.tensor(-bound, device=run.device)).item())  # the largest of them
+        if bound < at_least:
+            return Candidate(candidate, probe, steps, decoding, None, bound)
+    pace = measure_pace(candidate, num_classes, steps, len(val_set or []), run)
+    available = PLAN_SHARE * args.time - clock.spent() - decoding
+    return Candidate(candidate, pace, steps, decoding, fit_epochs(candidate, pace, steps, available, args.time))
 
 
 def fit_epochs(candidate: argparse.Namespace, pace: Pace, steps: int, available: float,

@@ -651,7 +651,7 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     elif recipe == "short":  # 20 s a step: too few epochs of either recipe, so the short one, with what fits of it
         assert all(getattr(args, name) == value for name, value in train.SHORT_RECIPE.items() if name != "weight_decay")
         assert args.epochs < train.EPOCHS
-        default_epochs = re.search(r"only (\d+) epochs? of the default recipe fit", capsys.readouterr().out)
+        default_epochs = re.search(r"at most (\d+) epochs of the default recipe fit", capsys.readouterr().out)
         assert default_epochs and 0 < int(default_epochs.group(1)) < train.MIN_DEFAULT_EPOCHS  # it says why
     else:  # the default recipe, with what fits of it
         assert (args.image_size, args.mixup, args.batch_size) == (nin.IMAGE_SIZE, train.MIXUP, train.BATCH_SIZE)
@@ -659,6 +659,31 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
             assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS
         else:  # 9 s a step: about half of the short recipe's epochs fit, and more than MIN_DEFAULT_EPOCHS of these
             assert train.MIN_DEFAULT_EPOCHS <= args.epochs < train.EPOCHS
+
+
+@pytest.mark.parametrize("pace,default_sizes", [(lambda: synthetic_pace(20.0, val=0.1), [[112]]),
+                                                (lambda: synthetic_pace(9.0, val=0.1), [[112], [112, 128, 144, 160]]),
+                                                (short_sizes_cheap_pace, [[112, 128, 144, 160]])])
+def test_the_default_recipe_is_timed_whole_only_where_it_may_get_the_budget(monkeypatch, split_data_dir, pace,
+                                                                           default_sizes):
+    """On a slow CPU, timing the default recipe's large images takes a good part of a short budget, to learn only
+    that the recipe does not get it: a few steps at its smallest size first, and the other sizes only where at
+    least MIN_DEFAULT_EPOCHS epochs of those would fit (or where the short recipe's whole run fits, and the
+    default one gets the budget whatever fits of it)."""
+    import train
+
+    measured = []  # the sizes of each measurement, in order
+
+    def measure_pace(args, *rest):
+        measured.append(train.stage_sizes(args.start_size, args.image_size))
+        return pace()
+
+    monkeypatch.setattr(train, "measure_pace", measure_pace)
+    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
+    photos = (train.find_images(split_data_dir / "train"), train.find_val_images(split_data_dir / "val"))
+    argv = ["--time", "10m"]
+    train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), cpu_run())
+    assert measured == [[80, 96, 112], *default_sizes]  # the short recipe first, then what the default one needs
 
 
 def test_flags_that_set_both_recipes_plan_one_candidate(monkeypatch, split_data_dir, capsys):
