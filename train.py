@@ -1073,8 +1073,9 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     """The settings that fill --time here: the default recipe with as many epochs as fit (at most its own),
     or, while neither MIN_DEFAULT_EPOCHS of it nor all the short recipe's epochs fit, the short recipe with as
     many epochs as fit. Flags given on the command line are kept in both. Decoding is estimated from a sample
-    of photos. Flags that set everything the short recipe changes leave one candidate, planned alone. Under
-    torchrun every process measures the candidates and the first one's choice is everyone's."""
+    of photos. Flags that set everything the short recipe changes leave one candidate, planned alone. The short
+    recipe is timed first, and the default one at all its sizes only where it may get the budget (plan_candidate).
+    Under torchrun every process times what the others time, and the first one's choice is everyone's."""
     short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
     if not short:  # the flags leave the short recipe nothing to change: never measured twice, nor called short
         name, plans = "your flags' recipe", {"your flags' recipe": plan_candidate(args, photos, clock, run)}
@@ -1083,16 +1084,20 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
         whole = torch.tensor(int(short_plan.epochs() == EPOCHS), device=run.device)
         short_fits_whole = bool(all_reduce_min(whole).item())  # the same in every process: they measure alike
         default_plan = plan_candidate(args, photos, clock, run, at_least=0 if short_fits_whole else MIN_DEFAULT_EPOCHS)
-        default_wins = short_fits_whole or default_plan.epochs() >= MIN_DEFAULT_EPOCHS
+        default_wins = default_plan.fitted is not None and (
+            short_fits_whole or default_plan.epochs() >= MIN_DEFAULT_EPOCHS)
         name = "the default recipe" if default_wins else "the short recipe"
         plans = {"the default recipe": default_plan, "the short recipe": short_plan}
     chosen = plans[name]
-    if chosen.fitted is None:
+    # fitted again in the time left now: the other recipe was timed since (the choice stands: a few seconds move
+    # it only where both are close)
+    fitted = fit_epochs(chosen.settings, chosen.pace, chosen.steps, PLAN_SHARE * args.time - clock.spent()
+                        - chosen.decoding, args.time)
+    if fitted is None:
         one_epoch = chosen.steps * min(chosen.pace.step.values()) + chosen.pace.val
         raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: starting and timing this "
                            f"machine took {format_duration(clock.spent())}, decoding takes "
                            f"{format_estimate(chosen.decoding)} and one epoch {format_estimate(one_epoch)}")
-    fitted = chosen.fitted
     if dist.is_initialized():  # the processes' clocks differ a little: the first one's plan is everyone's
         choice = [(name, fitted.epochs, fitted.val_every)]
         dist.broadcast_object_list(choice, src=0)
@@ -1106,8 +1111,9 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
             f"{validation_schedule(fitted.epochs, fitted.val_every)} ({format_estimate(chosen.decoding)} to decode "
             "first)")
     if name == "the short recipe":  # why not the default one: what a longer budget or a faster machine buys
-        run.say(f"  (at most {plans['the default recipe'].epochs()} epochs of the default recipe fit here; it gets "
-                f"the budget from {MIN_DEFAULT_EPOCHS})")
+        most = plans["the default recipe"].epochs()
+        run.say(f"  (at most {most} epoch{'' if most == 1 else 's'} of the default recipe fit{'s' if most == 1 else ''}"
+                f" here; it gets the budget from {MIN_DEFAULT_EPOCHS})")
     return fitted, chosen.pace
 
 
@@ -1115,7 +1121,8 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
 class Candidate:
     """A recipe planned for the budget: its measured pace and its steps per epoch, the decoding it needs first,
     and the most epochs of it that fit (None: not even one). Where a lower bound on its epochs' time already shows
-    that fewer than the epochs asked for fit, `pace` holds the smallest size's step only, and `bound` that bound."""
+    that fewer than plan_candidate's `at_least` fit, `fitted` is None, `pace` holds the smallest size's step only,
+    and `bound` the most epochs that bound allows."""
 
     settings: argparse.Namespace
     pace: Pace

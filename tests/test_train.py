@@ -622,18 +622,25 @@ def test_a_plan_fills_its_budget_and_validates_less_when_validation_is_dear():
     assert train.fit_epochs(args, pace, steps, available=5.0, budget=5.0) is None  # not even one epoch
 
 
+def train_pace(step: dict[int, float]):
+    """Seconds per training step at each size, and 0.1 s to validate."""
+    import train
+
+    return train.Pace(step, val=0.1)
+
+
 def short_sizes_cheap_pace():
     """Small images cost little and large ones much (as on a CPU): 120 epochs of the short recipe fit in 10
     minutes with time to spare, and fewer than MIN_DEFAULT_EPOCHS of the default recipe."""
-    import train
-
-    return train.Pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 20.0, 144: 20.0, 160: 20.0}, val=0.1)
+    return train_pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 20.0, 144: 20.0, 160: 20.0})
 
 
 @pytest.mark.parametrize("pace,recipe", [(lambda: synthetic_pace(0.01, val=0.1), "default"),
                                          (lambda: synthetic_pace(20.0, val=0.1), "short"),
                                          (short_sizes_cheap_pace, "default, fewer epochs"),
-                                         (lambda: synthetic_pace(9.0, val=0.1), "default, a slow machine")])
+                                         (lambda: synthetic_pace(9.0, val=0.1), "default, a slow machine"),
+                                         (lambda: train_pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 1e4, 144: 1e4,
+                                                              160: 1e4}), "short, whole")])
 def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, capsys, pace, recipe):
     import train
 
@@ -648,6 +655,8 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     if recipe == "default":  # 120 epochs of 2 steps at 0.01 s fit in 10 minutes
         assert (args.epochs, args.image_size, args.mixup, args.batch_size) == (train.EPOCHS, nin.IMAGE_SIZE,
                                                                                train.MIXUP, train.BATCH_SIZE)
+    elif recipe == "short, whole":  # not one epoch of the default recipe fits, and the short one's whole run does
+        assert args.image_size == train.SHORT_RECIPE["image_size"] and args.epochs == train.EPOCHS
     elif recipe == "short":  # 20 s a step: too few epochs of either recipe, so the short one, with what fits of it
         assert all(getattr(args, name) == value for name, value in train.SHORT_RECIPE.items() if name != "weight_decay")
         assert args.epochs < train.EPOCHS
@@ -684,6 +693,29 @@ def test_the_default_recipe_is_timed_whole_only_where_it_may_get_the_budget(monk
     argv = ["--time", "10m"]
     train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), cpu_run())
     assert measured == [[80, 96, 112], *default_sizes]  # the short recipe first, then what the default one needs
+
+
+def test_a_plan_fits_the_time_left_once_every_recipe_is_timed(monkeypatch, split_data_dir):
+    """The short recipe is timed first, and timing the default one after it takes time too (a minute each here,
+    as a slow CPU might): the plan fits what is left after both."""
+    import train
+
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # time passes only while timing
+    clock = train.Clock()
+
+    def measure_pace(args, *rest):
+        clock.spent_before += 60.0
+        return synthetic_pace(20.0, val=0.1)
+
+    monkeypatch.setattr(train, "measure_pace", measure_pace)
+    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
+    train_set = train.find_images(split_data_dir / "train")
+    argv = ["--time", "10m"]
+    args, pace = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv),
+                                       (train_set, train.find_val_images(split_data_dir / "val")), clock, cpu_run())
+    assert clock.spent() == 120.0 and args.batch_size == train.SHORT_RECIPE["batch_size"]  # short, then a probe
+    steps = train.steps_per_epoch(len(train_set), args.batch_size, 1)
+    assert pace.seconds(args, steps) <= train.PLAN_SHARE * 600 - clock.spent() - 1.0
 
 
 def test_flags_that_set_both_recipes_plan_one_candidate(monkeypatch, split_data_dir, capsys):
