@@ -1286,16 +1286,18 @@ class Clock:
         done = self.spent() + slowdown * pace.val + self.drawing_save  # this epoch may be validated; the run ends saved
         # A plan shrinks when it no longer ends within half the slack it was planned with (the other half
         # absorbs noise), and grows only as far as it fits within the plan's own share: between the two, timing
-        # noise does not move it. It grows at the slowest of the recent paces: growing is a choice, and where an
-        # epoch is a large share of the budget, a plan grown in a fast moment may find no epoch left to shrink
-        # in before its end, and stop with its schedule unfinished.
+        # noise does not move it. It grows only on three recent paces, at the slowest of them: growing is a
+        # choice, and where an epoch is a large share of the budget, a plan grown in a fast moment (or on the
+        # small images of its first stage) may find no epoch left to shrink in before its end, and stop with its
+        # schedule unfinished.
         loose = most_epochs_within((1 + PLAN_SHARE) / 2 * args.time - done, pace, args, steps, epoch, slowdown)
         if loose == epoch < args.epochs:  # near the end: one last epoch, if it ends within the limit itself, makes
             # a shorter plan with its schedule finished, where stopping now would leave the learning rate above 0.
             # No slack is left for noise there, so that epoch has to fit at the slowest of the recent paces.
             loose = min(most_epochs_within(args.time - done, pace, args, steps, epoch, max(recent)), epoch + 1)
-        fits = loose if loose < args.epochs else max(
-            args.epochs, most_epochs_within(PLAN_SHARE * args.time - done, pace, args, steps, epoch, max(recent)))
+        fits = min(loose, args.epochs)
+        if loose >= args.epochs and len(self.slowness[1:]) >= 3:
+            fits = max(fits, most_epochs_within(PLAN_SHARE * args.time - done, pace, args, steps, epoch, max(recent)))
         fits = int(all_reduce_min(torch.tensor(fits, device=run.device)).item())
         if fits == epoch < args.epochs:
             run.say(f"stopping after epoch {epoch} of {args.epochs}: another epoch would end past --time "

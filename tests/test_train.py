@@ -948,6 +948,20 @@ def test_a_plan_grows_only_at_the_slowest_of_its_recent_paces(monkeypatch):
     assert plans[-1] > planned + 5
 
 
+def test_a_plan_grows_only_on_three_paces(monkeypatch):
+    """A first epoch pays one-off costs and is not read; the next ones at the first stage's small images may run
+    faster than the large ones will: a plan grows only once three epochs say the machine is fast."""
+    import train
+
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
+    pace, steps, budget = synthetic_pace(step=0.1, val=0.1), 10, 100.0
+    recipe = train.parse_args(["--time", "100s", "--image-size", "160", "--start-size", "112"])
+    args = train.fit_epochs(recipe, pace, steps, available=train.PLAN_SHARE * budget, budget=budget)
+    planned, clock = args.epochs, train.Clock()
+    plans = [simulated_epoch(clock, pace, args, steps, epoch, 0.5) for epoch in range(1, 6)]
+    assert plans[:3] == [planned] * 3 and plans[3] > planned
+
+
 def test_the_saves_between_epochs_count_in_the_plan_from_its_first_epochs(monkeypatch, capsys):
     """The measured pace times training and validation steps; the saves between epochs (the checkpoint, and the
     figures) come on top of them. A plan takes them in from its first epochs and shrinks while its schedule can
@@ -1019,6 +1033,7 @@ def test_a_resumed_plan_measures_every_size_it_may_grow_to(monkeypatch):
     assert set(pace.step) == {112, 128, 144, 160}  # every size a re-plan may lay out, not only the last two's
     resumed = train.Clock()
     resumed.spent_before = 50.0  # 45 s of the plan's share left: 81 more epochs at 0.55 s each fit
+    resumed.slowness = [1.0] * 3  # and three epochs at the measured pace since it resumed: a plan grows on three
     assert resumed.epochs_that_fit(pace, args, 10, 2, pace.training(args, 10, 2), cpu_run()) == 2 + 81
 
 @pytest.mark.parametrize("probe_share,share,chosen,said", [
