@@ -635,6 +635,17 @@ def short_sizes_cheap_pace():
     return train_pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 20.0, 144: 20.0, 160: 20.0})
 
 
+def planned(monkeypatch, data_dir: Path, argv: list[str], clock=None):
+    """plan_for_budget as train.py calls it for this command line, on the photos in data_dir, with their decoding
+    estimated at 1 s (the tests set measure_pace themselves): the settings and the pace it plans with."""
+    import train
+
+    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
+    photos = (train.find_images(data_dir / "train"), train.find_val_images(data_dir / "val"))
+    return train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, clock or train.Clock(),
+                                 cpu_run())
+
+
 @pytest.mark.parametrize("pace,recipe", [(lambda: synthetic_pace(0.01, val=0.1), "default"),
                                          (lambda: synthetic_pace(20.0, val=0.1), "short"),
                                          (short_sizes_cheap_pace, "default, fewer epochs"),
@@ -645,12 +656,7 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     import train
 
     monkeypatch.setattr(train, "measure_pace", lambda args, *rest: pace())
-    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
-    run_ = train.Run(torch.device("cpu"), 0, 1, torch.autocast("cpu", enabled=False),
-                     torch.amp.GradScaler("cpu", enabled=False))
-    photos = (train.find_images(split_data_dir / "train"), train.find_val_images(split_data_dir / "val"))
-    argv = ["--time", "10m", "--weight-decay", "2e-3"]
-    args, _ = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), run_)
+    args, _ = planned(monkeypatch, split_data_dir, ["--time", "10m", "--weight-decay", "2e-3"])
     assert args.weight_decay == 2e-3  # given on the command line: kept
     if recipe == "default":  # 120 epochs of 2 steps at 0.01 s fit in 10 minutes
         assert (args.epochs, args.image_size, args.mixup, args.batch_size) == (train.EPOCHS, nin.IMAGE_SIZE,
@@ -688,10 +694,7 @@ def test_the_default_recipe_is_timed_whole_only_where_it_may_get_the_budget(monk
         return pace()
 
     monkeypatch.setattr(train, "measure_pace", measure_pace)
-    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
-    photos = (train.find_images(split_data_dir / "train"), train.find_val_images(split_data_dir / "val"))
-    argv = ["--time", "10m"]
-    train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), cpu_run())
+    planned(monkeypatch, split_data_dir, ["--time", "10m"])
     assert measured == [[80, 96, 112], *default_sizes]  # the short recipe first, then what the default one needs
 
 
@@ -708,13 +711,9 @@ def test_a_plan_fits_the_time_left_once_every_recipe_is_timed(monkeypatch, split
         return synthetic_pace(20.0, val=0.1)
 
     monkeypatch.setattr(train, "measure_pace", measure_pace)
-    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
-    train_set = train.find_images(split_data_dir / "train")
-    argv = ["--time", "10m"]
-    args, pace = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv),
-                                       (train_set, train.find_val_images(split_data_dir / "val")), clock, cpu_run())
+    args, pace = planned(monkeypatch, split_data_dir, ["--time", "10m"], clock)
     assert clock.spent() == 120.0 and args.batch_size == train.SHORT_RECIPE["batch_size"]  # short, then a probe
-    steps = train.steps_per_epoch(len(train_set), args.batch_size, 1)
+    steps = train.steps_per_epoch(len(train.find_images(split_data_dir / "train")), args.batch_size, 1)
     assert pace.seconds(args, steps) <= train.PLAN_SHARE * 600 - clock.spent() - 1.0
 
 
@@ -725,22 +724,17 @@ def test_flags_that_set_both_recipes_plan_one_candidate(monkeypatch, split_data_
 
     measured = []
     monkeypatch.setattr(train, "measure_pace", lambda args, *rest: measured.append(args) or synthetic_pace(20.0, 0.1))
-    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
-    run_ = train.Run(torch.device("cpu"), 0, 1, torch.autocast("cpu", enabled=False),
-                     torch.amp.GradScaler("cpu", enabled=False))
-    photos = (train.find_images(split_data_dir / "train"), train.find_val_images(split_data_dir / "val"))
     argv = ["--time", "10m", "--image-size", "160", "--start-size", "112", "--batch-size", "64", "--mixup", "0.2",
             "--cutmix", "1", "--label-smoothing", "0", "--weight-decay", "5e-4"]
-    args, _ = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(), run_)
+    args, _ = planned(monkeypatch, split_data_dir, argv)
     assert len(measured) == 1
     assert (args.image_size, args.batch_size, args.mixup) == (160, 64, 0.2)
     assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS  # so the old rule would have taken the "short" candidate
     out = capsys.readouterr().out
     assert "your flags' recipe" in out and "short recipe" not in out
-    too_short = ["--time", "5s"]  # the error says where the time went: a budget spent before training starts
+    # the error says where the time went: a budget spent before training starts
     with pytest.raises(nin.CLIError, match="too short here: starting and timing this machine took"):
-        train.plan_for_budget(train.parse_args(too_short), train.explicit_flags(too_short), photos, train.Clock(),
-                              run_)
+        planned(monkeypatch, split_data_dir, ["--time", "5s"])
 
 
 @pytest.mark.parametrize("epochs,every,said", [(40, 1, "every epoch"), (40, 6, "every 6 epochs and the last 3"),
@@ -761,11 +755,7 @@ def test_a_plan_of_few_epochs_says_which_it_validates(monkeypatch, split_data_di
     import train
 
     monkeypatch.setattr(train, "measure_pace", lambda args, *rest: synthetic_pace(100.0, val=25.0))
-    monkeypatch.setattr(train, "estimate_decoding", lambda *rest: 1.0)
-    photos = (train.find_images(split_data_dir / "train"), train.find_val_images(split_data_dir / "val"))
-    argv = ["--time", "10m"]
-    args, _ = train.plan_for_budget(train.parse_args(argv), train.explicit_flags(argv), photos, train.Clock(),
-                                    cpu_run())
+    args, _ = planned(monkeypatch, split_data_dir, ["--time", "10m"])
     assert 3 < args.epochs < args.val_every + 3  # so validates() picks only the last 3
     assert "validating the last 3 epochs (" in capsys.readouterr().out
 
