@@ -59,11 +59,9 @@ def download(url: str, dest: Path) -> None:
                        f"or pass --source DIR") from None
 
 
-def verify_archive(archive: Path) -> None:
-    """Refuse an archive that is not the published one (fetch_flower_photos deletes one it downloaded)."""
-    if archive.stat().st_size != ARCHIVE_BYTES or nin.sha256_of(archive) != ARCHIVE_SHA256:
-        raise nin.CLIError(f"{archive} is not the flower_photos archive (size or sha256 differs); "
-                       f"delete it and run again")
+def is_published_archive(archive: Path) -> bool:
+    """The archive is the published flower_photos.tgz: its size, then its sha256."""
+    return archive.stat().st_size == ARCHIVE_BYTES and nin.sha256_of(archive) == ARCHIVE_SHA256
 
 
 def extract(archive: Path, dest: Path) -> None:
@@ -104,20 +102,21 @@ def extract(archive: Path, dest: Path) -> None:
 
 
 def fetch_flower_photos(dest: Path, archive: Path | None) -> None:
+    downloaded = False
     if archive is None:
         archive = dest.parent / "flower_photos.tgz"
-        if not archive.exists():
+        if not archive.exists():  # else one an earlier run downloaded, or one put there by hand: checked, kept
             download(ARCHIVE_URL, archive)
-        try:
-            verify_archive(archive)
-        except nin.CLIError:
-            archive.unlink()
-            raise nin.CLIError(f"the download of {ARCHIVE_URL} is corrupt (sha256 differs) and was deleted; "
-                           f"run again") from None
+            downloaded = True
     elif not archive.is_file():
         raise nin.CLIError(f"archive not found: {archive}")
-    else:
-        verify_archive(archive)
+    if not is_published_archive(archive):
+        if downloaded:
+            archive.unlink()
+            raise nin.CLIError(f"the download of {ARCHIVE_URL} is corrupt (size or sha256 differs) and was deleted; "
+                               f"run again")
+        raise nin.CLIError(f"{archive} is not the flower_photos archive (size or sha256 differs); "
+                           f"delete it and run again, or give the published one")
     extract(archive, dest)
 
 
@@ -126,12 +125,18 @@ def fetch_flower_photos(dest: Path, archive: Path | None) -> None:
 
 def list_classes(source: Path) -> dict[str, list[Path]]:
     """Per-class files of source (hidden files and folders ignored). Special files and dangling links are
-    listed too, so that is_usable_image warns about them as train.py and predict.py would."""
+    listed too, so that is_usable_image warns about them as train.py and predict.py would. A folder inside a
+    class folder is skipped with a warning: the split is flat (class/photo), so its photos could collide."""
     if not source.is_dir():
         raise nin.CLIError(f"source folder not found: {source}")
+    classes = {}
     try:
-        classes = {d.name: sorted(f for f in d.iterdir() if not f.is_dir() and not nin.is_hidden(f.name))
-                   for d in sorted(source.iterdir()) if d.is_dir() and not nin.is_hidden(d.name)}
+        for folder in sorted(d for d in source.iterdir() if d.is_dir() and not nin.is_hidden(d.name)):
+            entries = sorted(e for e in folder.iterdir() if not nin.is_hidden(e.name))
+            for inner in (e for e in entries if e.is_dir()):
+                nin.warn(f"skipped the folder {inner}: split_data.py takes each class folder's own files "
+                         f"(move its photos up into {folder.name})")
+            classes[folder.name] = [e for e in entries if not e.is_dir()]
     except OSError as error:
         raise nin.CLIError(f"cannot read {source}: {error}") from None
     if not classes:
@@ -316,13 +321,11 @@ def split_table(classes: dict[str, list[Path]], sides: dict[Path, str | None]) -
     return "\n".join(lines)
 
 
-def check_readable(source: Path, classes: dict[str, list[Path]], fractions: dict[Path, float | None]) -> None:
+def check_readable(classes: dict[str, list[Path]], fractions: dict[Path, float | None]) -> None:
     """Refuse a class folder without any usable image (val_fractions has said why each file was skipped)."""
     empty = [name for name, files in classes.items() if all(fractions[f] is None for f in files)]
     if empty:
-        nested = [name for name in empty if any(p.is_dir() for p in (source / name).iterdir())]
-        hint = f" (the photos in subfolders of {', '.join(nested)} are not used: move them up)" if nested else ""
-        raise nin.CLIError(f"no readable images in class folder(s): {nin.few(empty)}{hint}")
+        raise nin.CLIError(f"no readable images in class folder(s): {nin.few(empty)}")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -378,7 +381,7 @@ def main() -> None:
         fetch_flower_photos(source, args.archive)
     classes = list_classes(source)
     fractions = val_fractions((f for files in classes.values() for f in files), args.seed, args.workers)
-    check_readable(source, classes, fractions)
+    check_readable(classes, fractions)
     sides = sides_for(fractions, args.val_ratio, args.folds, args.fold)
     write_split(classes, sides, args.out)
     print(split_table(classes, sides))

@@ -391,7 +391,7 @@ def test_symlinks_and_unusual_names(source, tmp_path):
     assert linked.read_bytes() == elsewhere.read_bytes()
 
 
-def test_corrupt_download_is_deleted_and_never_extracted(tmp_path, monkeypatch):
+def test_a_corrupt_download_is_deleted_and_an_archive_already_there_kept(tmp_path, monkeypatch):
     def fake_download(url, dest):
         dest.write_bytes(b"this is not the archive")
 
@@ -401,6 +401,12 @@ def test_corrupt_download_is_deleted_and_never_extracted(tmp_path, monkeypatch):
     with pytest.raises(CLIError, match="corrupt"):
         split_data.fetch_flower_photos(dest, archive=None)
     assert list((tmp_path / "data").iterdir()) == []  # neither the archive nor anything extracted
+    # One that was there before (an earlier run's, or put there by hand) is checked, refused, and never deleted.
+    (tmp_path / "data" / "flower_photos.tgz").write_bytes(b"someone else's archive")
+    monkeypatch.setattr(split_data, "download", None)  # not called: the archive is there
+    with pytest.raises(CLIError, match="is not the flower_photos archive"):
+        split_data.fetch_flower_photos(dest, archive=None)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["flower_photos.tgz"]
 
 
 class FakeResponse(io.BytesIO):
@@ -453,11 +459,19 @@ def test_out_inside_the_source_is_refused(source):
     assert_clean_error(split(source, source, check=False), "inside the source folder")
 
 
-def test_photos_only_in_a_subfolder_get_a_hint(source, tmp_path):
+def test_photos_in_a_subfolder_are_skipped_with_a_warning(source, tmp_path):
     (source / "blue" / "more").mkdir()
-    for photo in list((source / "blue").glob("*.jpg")):
+    photos = sorted((source / "blue").glob("*.jpg"))
+    for photo in photos[:3]:
         photo.rename(source / "blue" / "more" / photo.name)
-    assert_clean_error(split(source, tmp_path / "data", check=False), "blue", "subfolders of blue are not used")
+    result = split(source, tmp_path / "data")
+    assert "skipped the folder" in result.stderr and "move its photos up into blue" in result.stderr
+    assert len([name for name in sides(tmp_path / "data") if name.startswith("blue/")]) == len(photos) - 3
+    for photo in photos[3:]:  # all of them in the subfolder: nothing left to split
+        photo.rename(source / "blue" / "more" / photo.name)
+    result = split(source, tmp_path / "data", check=False)
+    assert_clean_error(result, "no readable images in class folder(s): blue")
+    assert "move its photos up into blue" in result.stderr
 
 
 def test_a_split_from_before_links_is_put_back_when_the_first_switch_is_cut(source, tmp_path, monkeypatch):
