@@ -81,6 +81,8 @@ def parse_args() -> argparse.Namespace:
         p.error("--save names the figure of the images; --eval writes its figures into --out-dir")
     if args.calibrate and args.not_sure is not None:
         p.error("--calibrate fits the 'not sure' threshold itself: not with --not-sure")
+    if args.calibrate and (args.json or args.heatmap or args.tta):  # the temperature serves plain predictions
+        p.error("--calibrate prints its fit and stores it in --weights: not with --json, --heatmap or --tta")
     if args.not_sure is not None and not 0 <= args.not_sure < 1:
         p.error("--not-sure must be in [0, 1)")
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
@@ -493,6 +495,9 @@ def oof_logits(rows: list[dict[str, str]], classes: list[str]) -> tuple[torch.Te
         if None in row.values() or row["label"] not in classes:
             raise ValueError(f"line {line}: too few columns, or a label that is not one of {nin.few(classes)}")
     probs = torch.tensor([[float(r[c]) for c in columns] for r in rows], dtype=torch.float64)
+    outside = ~((probs >= 0) & (probs <= 1)).all(1)  # nan and inf too: a temperature fitted on them would be nan
+    if outside.any():
+        raise ValueError(f"line {int(outside.nonzero()[0]) + 2}: a probability that is not a number from 0 to 1")
     labels = torch.tensor([classes.index(r["label"]) for r in rows])
     return probs.clamp(min=1e-45).log(), labels  # 0 where float32 underflowed
 

@@ -388,8 +388,9 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
     (["--eval", "val", "--save", "e.png"], "--save names the figure of the images"),
     (["--calibrate", "val", "--save", "c.png"], "--save names the figure of the images"),
     (["--calibrate", "val", "--not-sure", "0.5"], "fits the 'not sure' threshold itself"),
+    (["--calibrate", "val", "--tta"], "not with --json, --heatmap or --tta"),
     (["x.jpg", "--json", "--heatmap"], "--json draws no figure")],
-    ids=["eval-save", "calibrate-save", "calibrate-not-sure", "json-heatmap"])
+    ids=["eval-save", "calibrate-save", "calibrate-not-sure", "calibrate-tta", "json-heatmap"])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, flags, message):
     assert_clean_error(run("predict.py", *flags, cwd=tmp_path, check=False), message)
 
@@ -487,15 +488,22 @@ def test_calibrate_on_a_folder_or_on_out_of_fold_predictions(trained, split_data
     ("label,{p}\npurple,{ones}\n", "line 2: too few columns, or a label"),
     ("label,{p}\nred,{words}\n", "could not convert"),
     ("label,{p}\nred,\"{ones}\n", "line 2"),  # a quote that never closes: the row swallows the file
+    ("label,{p}\nred,{ones}\nred,{nans}\n", "line 3: a probability that is not a number from 0 to 1"),
+    ("label,{p}\nred,{twos}\n", "line 2: a probability that is not a number from 0 to 1"),
 ])
 def test_calibrate_refuses_a_broken_predictions_file(trained, tmp_path, content, named):
     classes = nin.load_class_names(trained["class_idx"])
     (tmp_path / "oof.csv").write_text(content.format(p=",".join(f"p_{c}" for c in classes),
                                                      ones=",".join("1" for _ in classes),
-                                                     words=",".join("x" for _ in classes)))
-    result = run("predict.py", "--calibrate", tmp_path / "oof.csv", "--weights", calibrated_copy(trained, tmp_path),
+                                                     words=",".join("x" for _ in classes),
+                                                     nans=",".join("nan" for _ in classes),
+                                                     twos=",".join("2" for _ in classes)))
+    weights = calibrated_copy(trained, tmp_path)
+    before = weights.read_bytes()
+    result = run("predict.py", "--calibrate", tmp_path / "oof.csv", "--weights", weights,
                  "--class-idx", trained["class_idx"], cwd=tmp_path, check=False)
     assert_clean_error(result, named)
+    assert weights.read_bytes() == before
 
 
 def test_probabilities_use_the_stored_temperature_and_old_weights_the_raw_softmax(trained, photos, tmp_path):
