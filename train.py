@@ -2,10 +2,11 @@
 
 Each photo is decoded once per run into an in-memory uint8 cache (kept on the training device, and saved
 under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip, then mixup or
-CutMix) is done per batch on that device. --no-cache streams from disk through DataLoader workers instead, for
-datasets that do not fit in memory. Writes the weights of the best epoch on val (NiN.pth; --keep last: the
-last epoch's), the class map (class_idx.json), and under --out-dir a metrics CSV, training curves, the best
-epoch's confusion matrix and a checkpoint that --resume continues from. With a val/ that holds no photos
+CutMix) is done per batch on that device. --no-cache streams the training photos from disk through DataLoader
+workers instead, for datasets that do not fit in memory (val/ is still decoded once). Writes the weights of
+the best epoch on val (NiN.pth; --keep last: the last epoch's), the class map (class_idx.json), and under
+--out-dir a metrics CSV, training curves, the best epoch's confusion matrix and a checkpoint that --resume
+continues from. With a val/ that holds no photos
 (`split_data.py --val-ratio 0`) every labelled photo trains and NiN.pth holds the last epoch's weights.
 
 Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains with DistributedDataParallel.
@@ -73,12 +74,12 @@ VAL_BATCH = 128  # images a validation batch scores at once (it learns nothing, 
 # What --resume reads from a checkpoint.pth (a NiN.pth, or any other .pth, lacks them).
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "history", "args", "classes", "best_acc",
                    "best_confusion"}
-# What a checkpoint written before these flags existed was trained with (not today's defaults).
+# What a checkpoint written before these flags and settings existed was trained with (not today's defaults).
 BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best",
                        "time": None, "val_every": 1, "plan_epochs": None}
 # Writing the checkpoint and NiN.pth takes a sizeable share of a GPU epoch, so after an epoch they are saved
-# only when this long has passed since the last save, and after the last epoch; a CPU epoch is longer than
-# this, so there every epoch is saved.
+# only when this long has passed since the last save, and after the last epoch; where epochs are longer than
+# this, as on most CPUs, every epoch is saved.
 SAVE_SECONDS = 10
 FIGURE_SECONDS = 30  # curves.png and confusion.png are redrawn at most this often (drawing is slow)
 # A --time run tells a re-plan at most this often: with short epochs the plan moves by an epoch or two at almost
@@ -105,6 +106,7 @@ def main() -> None:
     given = explicit_flags(sys.argv[1:])  # the flags written on the command line, not left at their defaults
     args, checkpoint = resume(args, given)
     run = start_run(args.device)
+    check_device_flags(args, run)
     torch.manual_seed(args.seed + run.rank)  # each process its own augmentations
     check_outputs(args)
     photos = find_photos(args.data_dir, run)
@@ -125,8 +127,6 @@ def main() -> None:
         learner.load_state_dict(checkpoint)
         progress = Progress.from_checkpoint(checkpoint, args)
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
-        if args.time and clock.spent_before >= args.time and progress.epoch < args.epochs:  # at once, untimed
-            raise nin.CLIError(f"{budget_spent_message(args.time)}: nothing more to train")
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
         run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
     if progress.epoch >= args.epochs:  # resumed after its last epoch: the saver only puts NiN.pth right
@@ -231,7 +231,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="threads decoding the cache, or DataLoader processes with --no-cache")
     p.add_argument("--no-cache", action="store_true",
-                   help="stream photos from disk every epoch instead of decoding them once into memory")
+                   help="stream the training photos from disk every epoch instead of decoding them once into memory "
+                        "(val/ is still decoded once)")
     p.add_argument("--weights", type=Path, default=nin.WEIGHTS_PATH, help="where the trained weights go")
     p.add_argument("--keep", choices=("best", "last"), default="best",
                    help="which epoch's weights --weights holds: the best on val, or the last (always the last "
@@ -330,6 +331,8 @@ def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespac
             raise nin.CLIError(f"--resume continues the run in {args.out_dir} with its own settings: "
                                f"--{name.replace('_', '-')} {value} is not its {kept} (to change it, start a new "
                                f"run in another --out-dir)")
+    if resumed.time and checkpoint.get("seconds_spent", 0.0) >= resumed.time and checkpoint["epoch"] < resumed.epochs:
+        raise nin.CLIError(f"{budget_spent_message(resumed.time)}: nothing more to train")  # before any work
     return resumed, checkpoint
 
 
@@ -384,6 +387,14 @@ def start_run(device_name: str | None) -> Run:
                torch.amp.GradScaler(device.type, enabled=False))
 
 
+def check_device_flags(args: argparse.Namespace, run: Run) -> None:
+    """Flags this device cannot honour, refused before any photo is read."""
+    if args.amp == "fp16" and run.device.type == "cpu":
+        raise nin.CLIError("--amp fp16 is for GPUs: on a CPU use bf16 or off")
+    if args.sync_bn and run.world > 1 and run.device.type != "cuda":  # torch's SyncBatchNorm would fail mid-run
+        raise nin.CLIError("--sync-bn is for torchrun on CUDA GPUs")
+
+
 def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, bf16 where a step in it takes at most
     BF16_SHARE of a float32 step. A CPU with native bf16 (AMX, AVX512-BF16) about halves the step; one without
@@ -393,8 +404,6 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     plan may choose a smaller one: a CPU that has bf16 has it at every size. Decided per process start, like
     --device: a resumed run may be on another machine. Under torchrun the processes decide on their mean
     timings, so all take the same choice."""
-    if args.amp == "fp16" and run.device.type == "cpu":
-        raise nin.CLIError("--amp fp16 is for GPUs: on a CPU use bf16 or off")
     if args.amp != "auto":
         return args.amp
     if run.device.type != "cpu":
@@ -791,8 +800,6 @@ class Learner:
         self.stepped: torch.nn.Module = self.model
         if run.world > 1:
             if args.sync_bn:
-                if run.device.type != "cuda":  # torch's SyncBatchNorm would fail in the first step
-                    raise nin.CLIError("--sync-bn is for torchrun on CUDA GPUs")
                 self.model = self.stepped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.stepped = DistributedDataParallel(self.model, device_ids=[run.device] if run.device.type == "cuda"
                                                    else None)

@@ -442,13 +442,17 @@ def test_torchrun_refuses_mps_instead_of_training_on_the_cpu(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_sync_bn_on_the_cpu_is_a_clear_error_not_a_crash_in_the_first_step():
-    """torch's SyncBatchNorm needs CUDA: under torchrun on the CPU it would fail with a traceback mid-run."""
+def test_flags_the_device_cannot_honour_are_clear_errors_not_a_crash_mid_run():
+    """torch's SyncBatchNorm needs CUDA: under torchrun on the CPU it would fail with a traceback in the first
+    step. main() checks these right after choosing the device."""
     import train
     args = train.parse_args(["--sync-bn", "--device", "cpu"])
     two_processes = dataclasses.replace(train.start_run("cpu"), world=2)
     with pytest.raises(nin.CLIError, match="--sync-bn is for torchrun on CUDA"):
-        train.Learner(train.make_model(3, args), args, 10, two_processes)
+        train.check_device_flags(args, two_processes)
+    train.check_device_flags(args, train.start_run("cpu"))  # one process: the flag has nothing to synchronise
+    with pytest.raises(nin.CLIError, match="--amp fp16 is for GPUs"):
+        train.check_device_flags(train.parse_args(["--amp", "fp16"]), cpu_run())
 
 
 LEAVES_GROUP_AT_EXIT = """
@@ -843,6 +847,7 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     torch.save(saved, tmp_path / "run" / "checkpoint.pth")
     spent = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
     assert_clean_error(spent, "--time 40 s is spent")
+    assert spent.stdout == ""  # refused before any work: no photos listed, nothing timed
     saved["seconds_spent"] = 39.9  # a tenth of a second left: timing this machine takes more than that
     torch.save(saved, tmp_path / "run" / "checkpoint.pth")
     spent = run("train.py", "--resume", "--out-dir", tmp_path / "run", cwd=tmp_path, check=False)
@@ -1066,8 +1071,6 @@ def test_amp_given_or_on_a_gpu_is_not_timed(capsys):
     gpu_run = dataclasses.replace(cpu_run(), device=torch.device("cuda"))
     assert train.choose_amp(args, 3, gpu_run) == "bf16"
     assert "--amp auto: bf16 autocast on cuda" in capsys.readouterr().out
-    with pytest.raises(nin.CLIError, match="--amp fp16 is for GPUs"):
-        train.choose_amp(train.parse_args(["--amp", "fp16"]), 3, cpu_run())
 
 
 def test_a_timing_pays_the_one_off_costs_before_it_times():
