@@ -65,13 +65,13 @@ def export(saved: nin.SavedWeights, source: str) -> bytes:
 
 
 def check(exported: bytes, saved: nin.SavedWeights, images: list[Path], tolerance: float) -> str:
-    """Compare the export with predict.py on the images and on drawn ones; a one-line report, or CLIError."""
+    """Compare the export with predict.py on the image files and on drawn ones; a one-line report, or CLIError."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
     model, image_size, temperature = saved.model, saved.image_size, saved.calibration.temperature
     try:
-        photos = [nin.eval_tensor(path, image_size) for path in predict.expand(images)]
+        photos = [nin.eval_tensor(path, image_size) for path in images]
     except nin.UnreadableImage as error:
         raise nin.CLIError(f"--check: cannot read {error}") from None
     generator = torch.Generator().manual_seed(0)
@@ -120,6 +120,7 @@ def main() -> None:
     if not 0 < args.tolerance < 1:
         p.error("--tolerance must be between 0 and 1")
     nin.check_output_file(args.out, "--out")
+    images = predict.expand(args.check or [])  # a path that is not there: refused before the export's seconds
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -128,7 +129,7 @@ def main() -> None:
         raise nin.CLIError(f"{error.name} is not installed: pip install -r requirements-export.txt") from None
     saved = predict.load_model(args.weights, args.class_idx, torch.device("cpu"))
     exported = export(saved, args.weights.name)
-    report = check(exported, saved, args.check, args.tolerance) if args.check else None
+    report = check(exported, saved, images, args.tolerance) if args.check else None
     nin.atomic_write(args.out, lambda f: f.write(exported))  # only an export that passed --check is written
     size = saved.image_size
     print(f"wrote {args.out} ({len(exported) / 2**20:.1f} MiB): uint8 images [N, {size}, {size}, 3] in, "

@@ -59,6 +59,8 @@ def test_an_export_that_disagrees_is_refused(trained, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags,named", [(["--tolerance", "2", "--check", "x.jpg"], "between 0 and 1"),
-                                         (["--tolerance", "0.01"], "give it with --check")])
+                                         (["--tolerance", "0.01"], "give it with --check"),
+                                         (["--check", "missing.jpg", "--weights", "missing.pth"],  # before any work
+                                          "image not found: missing.jpg")])
 def test_export_refuses_bad_flags(tmp_path, flags, named):
     assert_clean_error(run("export.py", *flags, cwd=tmp_path, check=False), named)
