@@ -96,6 +96,24 @@ EMULATED_BF16_STEPS = 4
 PROBE_BATCH = 4  # few enough images that even emulated bf16 steps them quickly; at least 2 (batch norm)
 PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast"}
 
+# --time, the time budget:
+# What the measurements of 30-minute runs on two CPU cores say a short run needs (bench/RESULTS.md, the CPU
+# route): smaller images, more steps of a smaller batch, no mixing, label smoothing and a stronger weight decay.
+SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
+                "label_smoothing": 0.2, "weight_decay": 1e-3}
+# A budget that fits this many epochs of the default recipe gets it even while the short recipe would not fit
+# all of its own epochs: cross-validated on two CPU cores (bench/RESULTS.md, the entry that set it), about this
+# many epochs of the default recipe scored as well as the short recipe's whole run, so at least as well as fewer
+# of its epochs. It also matters because the recipe is chosen once: a run whose timed steps caught the machine
+# in a slow moment plans fewer epochs than will fit, and a plan may grow to its recipe's epochs but never
+# changes recipe. Below it, the default recipe still gets the budget once the short recipe's whole run fits
+# with time to spare: the spare time would go unused, and the default recipe calibrates better.
+MIN_DEFAULT_EPOCHS = 50
+PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs noise, and the last save until it is timed
+VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
+VAL_LAST_EPOCHS = 3  # ... but the last epochs are always validated
+TIMED_STEPS = 2  # per training size, after one untimed step (cuDNN chooses its algorithms on the first)
+
 
 # --------------------------------------------------------------------------------------------- the recipe
 
@@ -946,23 +964,6 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------- the time budget
-
-# What the measurements of 30-minute runs on two CPU cores say a short run needs (bench/RESULTS.md, the CPU
-# route): smaller images, more steps of a smaller batch, no mixing, label smoothing and a stronger weight decay.
-SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 0.0, "cutmix": 0.0,
-                "label_smoothing": 0.2, "weight_decay": 1e-3}
-# A budget that fits this many epochs of the default recipe gets it even while the short recipe would not fit
-# all of its own epochs: cross-validated on two CPU cores (bench/RESULTS.md, the entry that set it), about this
-# many epochs of the default recipe scored as well as the short recipe's whole run, so at least as well as fewer
-# of its epochs. It also matters because the recipe is chosen once: a run whose timed steps caught the machine
-# in a slow moment plans fewer epochs than will fit, and a plan may grow to its recipe's epochs but never
-# changes recipe. Below it, the default recipe still gets the budget once the short recipe's whole run fits
-# with time to spare: the spare time would go unused, and the default recipe calibrates better.
-MIN_DEFAULT_EPOCHS = 50
-PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs noise, and the last save until it is timed
-VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
-VAL_LAST_EPOCHS = 3  # ... but the last epochs are always validated
-TIMED_STEPS = 2  # per training size, after one untimed step (cuDNN chooses its algorithms on the first)
 
 
 def parse_duration(text: str) -> float:
