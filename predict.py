@@ -191,20 +191,20 @@ def classify(model: nin.NiN, images: torch.Tensor, tta: bool = False, temperatur
     return (maps.mean((2, 3)) / temperature).softmax(1), maps
 
 
-def run_batches(model: nin.NiN, paths: list[Path], image_size: int, args: argparse.Namespace, device: torch.device,
-                temperature: float = 1.0) -> list[dict]:
+def run_batches(model: nin.NiN, paths: list[Path], image_size: int, device: torch.device, *, batch_size: int,
+                workers: int, tta: bool = False, temperature: float = 1.0) -> list[dict]:
     """Decode and classify in batches, with one progress bar; unreadable files are skipped with a warning."""
     from tqdm import tqdm
 
     results = []
-    bar = tqdm(total=len(paths), desc="classify", unit="img", disable=True if len(paths) <= args.batch_size else None)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        decoded = nin.decode_images(chunk, nin.eval_tensor, image_size, args.workers, "decode", progress=False)
+    bar = tqdm(total=len(paths), desc="classify", unit="img", disable=True if len(paths) <= batch_size else None)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        decoded = nin.decode_images(chunk, nin.eval_tensor, image_size, workers, "decode", progress=False)
         kept = [(p, img) for p, img in zip(chunk, decoded, strict=True) if img is not None]
         if kept:
             images = torch.stack([img for _, img in kept]).to(device)
-            probs, maps = classify(model, images, args.tta, temperature)
+            probs, maps = classify(model, images, tta, temperature)
             for (path, image), p, m in zip(kept, probs.cpu(), maps.float().cpu(), strict=True):
                 results.append({"path": path, "image": image, "probs": p, "map": m})
         bar.update(len(chunk))
@@ -218,7 +218,8 @@ def score_labelled(model: nin.NiN, paths: list[Path], labels: list[int], image_s
                    device: torch.device, temperature: float = 1.0) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """run_batches on labelled photos, plus the logits (before the temperature) and labels of those it could read."""
     label_of = dict(zip(paths, labels, strict=True))
-    results = run_batches(model, paths, image_size, args, device, temperature)
+    results = run_batches(model, paths, image_size, device, batch_size=args.batch_size, workers=args.workers,
+                          tta=args.tta, temperature=temperature)
     return (results, torch.stack([r["map"].mean((1, 2)) for r in results]),
             torch.tensor([label_of[r["path"]] for r in results]))
 
@@ -327,7 +328,8 @@ def predict_images(saved: nin.SavedWeights, args: argparse.Namespace, device: to
         nin.warn(f"{paths[0]} is a photo {args.weights} trained on: its answer says little about new photos"
                  if len(paths) == 1 else f"{seen} of these {len(paths)} images are photos {args.weights} trained on: "
                  f"its answers for them say little about new photos")
-    results = run_batches(saved.model, paths, saved.image_size, args, device, saved.calibration.temperature)
+    results = run_batches(saved.model, paths, saved.image_size, device, batch_size=args.batch_size,
+                          workers=args.workers, tta=args.tta, temperature=saved.calibration.temperature)
     if args.json:
         print(json.dumps([{"image": str(r["path"]), "top": top_k(r["probs"], classes, args.top_k),
                            "not_sure": unsure(r["probs"], threshold)} for r in results], indent=2))

@@ -89,24 +89,46 @@ def fold_dir(out: Path, fold: int) -> Path:
 def train_fold(folder: Path, flags: list[str], threads: int | None) -> tuple[bool, float]:
     """train.py on folder/data (resumed if a checkpoint is there); whether it succeeded, and its wall time."""
     resume = ["--resume"] if (folder / "run" / "checkpoint.pth").is_file() else []
-    command = [sys.executable, str(nin.ROOT / "train.py"), "--data-dir", str(folder / "data"),
-               "--out-dir", str(folder / "run"), "--weights", str(folder / "NiN.pth"),
-               "--class-idx", str(folder / "class_idx.json"), "--keep", "last", *resume, *flags]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
+    code = run_train(folder / "data", folder / "run", folder, ["--keep", "last", *resume, *flags], threads)
+    return code == 0, time.perf_counter() - start
+
+
+def run_train(data_dir: Path, out_dir: Path, folder: Path, flags: list[str], threads: int | None) -> int:
+    """train.py in a process of its own (also bench/sweep.py's runs): data_dir's photos, its run files in
+    out_dir, NiN.pth, class_idx.json and the log (log.txt, appended to) in folder; its exit code."""
+    command = [sys.executable, str(nin.ROOT / "train.py"), "--data-dir", str(data_dir), "--out-dir", str(out_dir),
+               "--weights", str(folder / "NiN.pth"), "--class-idx", str(folder / "class_idx.json"), *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(folder / "log.txt", "a") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    return code == 0, time.perf_counter() - start
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def whole_numbers(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: an argparse type for comma-separated whole numbers (sweep.py's seeds,
+    throughput.py's thread counts)."""
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
+    if min(numbers) < 0:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r} has a negative one")
+    return numbers
+
+
+def threads_per_run(parallel: int) -> int | None:
+    """Torch threads for each of `parallel` runs sharing the machine's cores (None: one run, torch's default)."""
+    return max((os.cpu_count() or 1) // parallel, 1) if parallel > 1 else None
 
 
 def classified(weights: Path, paths: list[Path], workers: int, device: torch.device) -> tuple[list[str], list[dict]]:
     """The class names of the weights, and predict.py's result (probabilities, class maps) for each photo
     that can still be read (a warning for any other)."""
     saved = nin.load_weights(weights, device)
-    settings = argparse.Namespace(batch_size=predict.BATCH_SIZE, workers=workers, tta=False)
-    return saved.classes, predict.run_batches(saved.model, paths, saved.image_size, settings, device)
+    return saved.classes, predict.run_batches(saved.model, paths, saved.image_size, device,
+                                              batch_size=predict.BATCH_SIZE, workers=workers)
 
 
 def finish_fold(folder: Path, fold: int, seconds: float, workers: int, device: torch.device) -> dict:
@@ -333,11 +355,11 @@ def main() -> None:
     classes = split_data.list_classes(source)
     fractions = split_data.val_fractions([f for files in classes.values() for f in files], args.split_seed,
                                          args.workers)
-    split_data.check_readable(source, classes, fractions)
+    split_data.check_readable(classes, fractions)
     check_folds_hold_photos(fractions, args.folds)
     nin.save_json(settings, args.out / "cv.json")  # only now: a mistyped --source leaves --out unclaimed
     device = nin.pick_device(None)
-    threads = max((os.cpu_count() or 1) // args.parallel, 1) if args.parallel > 1 else None
+    threads = threads_per_run(args.parallel)
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda fold: run_fold(fold, args, flags, classes, fractions, threads, device),
                                 range(args.folds)))

@@ -12,16 +12,16 @@ Running several at a time pays on a GPU, which one small-batch NiN run leaves mo
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cv.py, beside this file
+import cv
 import nin
 import train
 
@@ -29,7 +29,7 @@ import train
 def parse_args() -> argparse.Namespace:
     p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", metavar="NAME=FLAGS", help="a name and train.py flags (may be empty)")
-    p.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
+    p.add_argument("--seeds", type=cv.whole_numbers, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="default: %(default)s")
     p.add_argument("--runs-dir", type=Path, default=nin.RUNS_DIR / "sweep", help="default: %(default)s")
@@ -51,19 +51,14 @@ def parse_config(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
-def one_run(name: str, flags: list[str], seed: int, args: argparse.Namespace, threads: int) -> dict | None:
+def one_run(name: str, flags: list[str], seed: int, args: argparse.Namespace, threads: int | None) -> dict | None:
     """One train.py run (or the finished one already in its folder); its figures as a row, None if it failed."""
     run_dir = args.runs_dir / f"{name}-s{seed}"
     done = run_dir / "done.txt"
     if not done.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(nin.ROOT / "train.py"), "--data-dir", str(args.data_dir), "--seed", str(seed),
-                   "--out-dir", str(run_dir), "--weights", str(run_dir / "NiN.pth"),
-                   "--class-idx", str(run_dir / "class_idx.json"), *flags]
         start = time.perf_counter()
-        with open(run_dir / "log.txt", "w") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
+        code = cv.run_train(args.data_dir, run_dir, run_dir, ["--seed", str(seed), *flags], threads)
         if code != 0:
             nin.warn(f"{name} seed {seed} failed (exit {code}): see {run_dir / 'log.txt'}")
             return None
@@ -96,17 +91,9 @@ def save_table(args: argparse.Namespace, runs: dict[str, list[dict]]) -> list[di
     return table
 
 
-def seed_list(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]."""
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
-
-
 def main() -> None:
     args = parse_args()
-    threads = max((os.cpu_count() or 1) // args.parallel, 1)
+    threads = cv.threads_per_run(args.parallel)
     jobs = [(name, flags, seed) for name, flags in args.configs.items() for seed in args.seeds]
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     with ThreadPoolExecutor(args.parallel) as pool:

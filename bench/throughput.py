@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cv.py, beside this file
+import cv
 import nin
 import train
 
@@ -49,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--workers", type=int, default=nin.WORKERS,
                    help="decoding threads / classic DataLoader workers (default: %(default)s)")
-    p.add_argument("--threads", type=counts, default=sorted({1, torch.get_num_threads()}),
+    p.add_argument("--threads", type=cv.whole_numbers, default=sorted({1, torch.get_num_threads()}),
                    help="thread counts to time the model-only step at, comma-separated (default: 1 and torch's "
                         "own, %(default)s)")
     args = p.parse_args()
@@ -58,20 +60,11 @@ def parse_args() -> argparse.Namespace:
             p.error(f"{flag} must be at least 1")
     if args.warmup < 0:
         p.error("--warmup must be at least 0")
+    if min(args.threads) < 1:
+        p.error("--threads must each be at least 1")
     if not nin.MIN_IMAGE_SIZE <= args.image_size <= nin.MAX_IMAGE_SIZE:
         p.error(f"--image-size must be between {nin.MIN_IMAGE_SIZE} and {nin.MAX_IMAGE_SIZE}")
     return args
-
-
-def counts(text: str) -> list[int]:
-    """'1,2,4' -> [1, 2, 4]: positive whole numbers, comma-separated."""
-    try:
-        numbers = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
-    if min(numbers) < 1:
-        raise argparse.ArgumentTypeError(f"each must be at least 1: {text!r}")
-    return numbers
 
 
 def sync(device: torch.device) -> None:
