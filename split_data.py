@@ -125,17 +125,20 @@ def fetch_flower_photos(dest: Path, archive: Path | None) -> None:
 
 def list_classes(source: Path) -> dict[str, list[Path]]:
     """Per-class files of source (hidden files and folders ignored). Special files and dangling links are
-    listed too, so that is_usable_image warns about them as train.py and predict.py would. A folder inside a
-    class folder is skipped with a warning: the split is flat (class/photo), so its photos could collide."""
+    listed too, so that is_usable_image warns about them as train.py and predict.py would. Folders inside a
+    class folder are skipped with one warning for the class: the split is flat (class/photo), so their photos
+    could collide."""
     if not source.is_dir():
         raise nin.CLIError(f"source folder not found: {source}")
     classes = {}
     try:
         for folder in sorted(d for d in source.iterdir() if d.is_dir() and not nin.is_hidden(d.name)):
             entries = sorted(e for e in folder.iterdir() if not nin.is_hidden(e.name))
-            for inner in (e for e in entries if e.is_dir()):
-                nin.warn(f"skipped the folder {inner}: split_data.py takes each class folder's own files "
-                         f"(move its photos up into {folder.name})")
+            if inner := [e for e in entries if e.is_dir()]:
+                hint = (f": move their photos up into {folder.name}" if any(nin.image_files(i) for i in inner)
+                        else "")
+                nin.warn(f"skipped the folder(s) {nin.few([i.name for i in inner])} inside {folder}: split_data.py "
+                         f"takes each class folder's own files{hint}")
             classes[folder.name] = [e for e in entries if not e.is_dir()]
     except OSError as error:
         raise nin.CLIError(f"cannot read {source}: {error}") from None

@@ -75,8 +75,9 @@ def test_bad_files_are_skipped_with_a_warning(source, tmp_path):
     (source / "red" / "empty.jpg").write_bytes(b"")
     good = (source / "blue" / "000.jpg").read_bytes()
     (source / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (source / "green" / "text.jpg").write_text("a text file named like a photo")
     result = split(source, tmp_path / "data")
-    for name in ("notes.txt", "empty.jpg", "truncated.jpg"):
+    for name in ("notes.txt", "empty.jpg", "truncated.jpg", "text.jpg"):
         assert f"skipped {source}" in result.stderr and name in result.stderr
         assert not list((tmp_path / "data").glob(f"*/*/{name}"))
     assert len(sides(tmp_path / "data")) == 90
@@ -461,17 +462,19 @@ def test_out_inside_the_source_is_refused(source):
 
 def test_photos_in_a_subfolder_are_skipped_with_a_warning(source, tmp_path):
     (source / "blue" / "more").mkdir()
+    (source / "green" / "empty").mkdir()  # no photos to move up: no hint
     photos = sorted((source / "blue").glob("*.jpg"))
     for photo in photos[:3]:
         photo.rename(source / "blue" / "more" / photo.name)
     result = split(source, tmp_path / "data")
-    assert "skipped the folder" in result.stderr and "move its photos up into blue" in result.stderr
+    assert "skipped the folder(s) more inside" in result.stderr and "move their photos up into blue" in result.stderr
+    assert "skipped the folder(s) empty inside" in result.stderr and "into green" not in result.stderr
     assert len([name for name in sides(tmp_path / "data") if name.startswith("blue/")]) == len(photos) - 3
     for photo in photos[3:]:  # all of them in the subfolder: nothing left to split
         photo.rename(source / "blue" / "more" / photo.name)
     result = split(source, tmp_path / "data", check=False)
     assert_clean_error(result, "no readable images in class folder(s): blue")
-    assert "move its photos up into blue" in result.stderr
+    assert "move their photos up into blue" in result.stderr
 
 
 def test_a_split_from_before_links_is_put_back_when_the_first_switch_is_cut(source, tmp_path, monkeypatch):
