@@ -323,7 +323,8 @@ def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespac
     """With --resume: the run's own settings from its checkpoint (--device and --workers are taken from this
     command line, and --amp when it is given: they belong to the machine), and the checkpoint itself. Without:
     the arguments as they are, and None. Any other flag given with --resume (`given`) must repeat the run's
-    setting: a changed one would be silently ignored."""
+    setting: a changed one would be silently ignored. A --time run whose budget is spent is refused here,
+    before any work."""
     if not args.resume:
         return args, None
     checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 import runpy
+import shutil
 import subprocess
 import sys
 import traceback
@@ -142,6 +143,12 @@ def split_data_dir(tmp_path_factory) -> Path:
     make_dataset(base / "source", per_class=40)
     run("split_data.py", "--source", base / "source", "--out", base / "data", "--val-ratio", "0.25", cwd=base)
     return base / "data"
+
+
+def copy_of_split(split_data_dir: Path, tmp_path: Path) -> Path:
+    """tmp_path/data: a copy of the shared split (without its decode cache) for a test that changes it."""
+    shutil.copytree(split_data_dir, tmp_path / "data", ignore=shutil.ignore_patterns(".cache"))
+    return tmp_path / "data"
 
 
 @pytest.fixture(scope="session")

@@ -389,8 +389,11 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
     (["--calibrate", "val", "--save", "c.png"], "--save names the figure of the images"),
     (["--calibrate", "val", "--not-sure", "0.5"], "fits the 'not sure' threshold itself"),
     (["--calibrate", "val", "--tta"], "not with --json, --heatmap or --tta"),
+    (["--calibrate", "val", "--json"], "not with --json, --heatmap or --tta"),
+    (["--calibrate", "val", "--heatmap"], "not with --json, --heatmap or --tta"),
     (["x.jpg", "--json", "--heatmap"], "--json draws no figure")],
-    ids=["eval-save", "calibrate-save", "calibrate-not-sure", "calibrate-tta", "json-heatmap"])
+    ids=["eval-save", "calibrate-save", "calibrate-not-sure", "calibrate-tta", "calibrate-json", "calibrate-heatmap",
+         "json-heatmap"])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, flags, message):
     assert_clean_error(run("predict.py", *flags, cwd=tmp_path, check=False), message)
 
