@@ -60,7 +60,7 @@ def download(url: str, dest: Path) -> None:
 
 
 def is_published_archive(archive: Path) -> bool:
-    """The archive is the published flower_photos.tgz: its size, then its sha256."""
+    """Whether the archive is the published flower_photos.tgz: its size, then its sha256."""
     return archive.stat().st_size == ARCHIVE_BYTES and nin.sha256_of(archive) == ARCHIVE_SHA256
 
 

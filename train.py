@@ -6,8 +6,8 @@ CutMix) is done per batch on that device. --no-cache streams the training photos
 workers instead, for datasets that do not fit in memory (val/ is still decoded once). Writes the weights of
 the best epoch on val (NiN.pth; --keep last: the last epoch's), the class map (class_idx.json), and under
 --out-dir a metrics CSV, training curves, the best epoch's confusion matrix and a checkpoint that --resume
-continues from. With a val/ that holds no photos
-(`split_data.py --val-ratio 0`) every labelled photo trains and NiN.pth holds the last epoch's weights.
+continues from. With a val/ that holds no photos (`split_data.py --val-ratio 0`) every labelled photo trains
+and NiN.pth holds the last epoch's weights.
 
 Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains with DistributedDataParallel.
 """
