@@ -1073,17 +1073,18 @@ def test_amp_given_or_on_a_gpu_is_not_timed(capsys, monkeypatch):
     assert "--amp auto: bf16 autocast on cuda" in capsys.readouterr().out
 
 
-def test_a_timing_pays_the_one_off_costs_before_it_times():
+def test_a_timing_pays_the_one_off_costs_before_it_times(monkeypatch):
     import train
 
-    calls = []
+    now, calls = [0.0], []
 
-    def work():
-        calls.append(time.perf_counter())
-        time.sleep(0.01 if len(calls) > 1 else 1.0)  # the first call is slow, like a first step building kernels
+    def work():  # each call moves a fake clock: the first by 1 s, like a first step building kernels
+        calls.append(now[0])
+        now[0] += 1.0 if len(calls) == 1 else 0.01
 
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
     seconds = train.timed(work, cpu_run())
-    assert len(calls) == 1 + train.TIMED_STEPS and 0.01 <= seconds < 0.2  # the mean of the calls after it
+    assert len(calls) == 1 + train.TIMED_STEPS and seconds == pytest.approx(0.01)  # the mean of the calls after it
 
 
 def test_resume_keeps_the_runs_amp_unless_the_command_line_gives_one(trained, tmp_path):
