@@ -1100,8 +1100,8 @@ def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[
     chosen = plans[name]
     # fitted again in the time left now: the other recipe was timed since (the choice stands: a few seconds move
     # it only where both are close)
-    fitted = fit_epochs(chosen.settings, chosen.pace, chosen.steps, PLAN_SHARE * args.time - clock.spent()
-                        - chosen.decoding, args.time)
+    fitted = fit_epochs(chosen.settings, chosen.pace, chosen.steps, clock.for_training(args.time, chosen.decoding),
+                        args.time)
     if fitted is None:
         one_epoch = chosen.steps * min(chosen.pace.step.values()) + chosen.pace.val
         raise nin.CLIError(f"--time {format_duration(args.time)} is too short here: starting and timing this "
@@ -1160,13 +1160,12 @@ def plan_candidate(args: argparse.Namespace, photos: tuple[ImageFolder, ImageFol
     if at_least:
         smallest = min(stage_sizes(candidate.start_size, candidate.image_size)[-most_epochs(candidate):])
         probe = measure_pace(with_settings(candidate, image_size=smallest, start_size=0), num_classes, steps, 0, run)
-        left = PLAN_SHARE * args.time - clock.spent() - decoding
-        bound = max(int(left // (steps * probe.step[smallest])), 0)
+        bound = max(int(clock.for_training(args.time, decoding) // (steps * probe.step[smallest])), 0)
         bound = -int(all_reduce_min(torch.tensor(-bound, device=run.device)).item())  # the largest of them
         if bound < at_least:
             return Candidate(candidate, probe, steps, decoding, None, bound)
     pace = measure_pace(candidate, num_classes, steps, len(val_set or []), run)
-    available = PLAN_SHARE * args.time - clock.spent() - decoding
+    available = clock.for_training(args.time, decoding)
     return Candidate(candidate, pace, steps, decoding, fit_epochs(candidate, pace, steps, available, args.time))
 
 
@@ -1237,6 +1236,10 @@ class Clock:
 
     def spent(self) -> float:
         return self.spent_before + time.monotonic() - self.started
+
+    def for_training(self, budget: float, decoding: float) -> float:
+        """What a plan may spend on its epochs from now: its share of --time, less what is spent and the decoding."""
+        return PLAN_SHARE * budget - self.spent() - decoding
 
     def saved(self, seconds: float, drew: bool) -> None:
         """A save after an epoch took `seconds`, the figures drawn too if `drew`."""
