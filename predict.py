@@ -364,7 +364,7 @@ def evaluate_folder(saved: nin.SavedWeights, args: argparse.Namespace, device: t
     topk_hit = (probs.topk(k).indices == targets[:, None]).any(1)
     cm = nin.confusion_matrix(targets, top1, len(classes))
     rows = [{"image": str(r["path"]), "true": classes[t], "predicted": classes[p],
-             "probability": round(float(q[p]), 4), "correct": int(t == p)}
+             "probability": round(float(q[p]), 4), "correct": int(t == p), "not_sure": int(unsure(q, threshold))}
             for r, t, p, q in zip(results, targets.tolist(), top1.tolist(), probs, strict=True)]
     mistakes = sorted((i for i, row in enumerate(rows) if not row["correct"]), key=lambda i: -rows[i]["probability"])
     summary = {"images": len(results), "top1": round(float((top1 == targets).float().mean()), 4),
@@ -388,8 +388,8 @@ def evaluate_folder(saved: nin.SavedWeights, args: argparse.Namespace, device: t
             print(f"{c:<{width}}" + "".join(f"{n:>8}" for n in row))
         print(f"\nmost confident mistakes ({len(mistakes)} in all):")
         for i in mistakes[:MISTAKES_SHOWN]:
-            print(f"  {rows[i]['probability']:.1%} {rows[i]['predicted']:<{width}} (true {rows[i]['true']}): "
-                  f"{rows[i]['image']}")
+            print(f"  {rows[i]['probability']:.1%} {rows[i]['predicted']:<{width}} (true {rows[i]['true']}"
+                  f"{'; not sure' * rows[i]['not_sure']}): {rows[i]['image']}")
     out = args.out_dir
     nin.save_csv(rows, out / "eval_predictions.csv")
     nin.save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
@@ -398,7 +398,8 @@ def evaluate_folder(saved: nin.SavedWeights, args: argparse.Namespace, device: t
     written = [out / "eval_predictions.csv", out / "eval_confusion.png", out / "eval_reliability.png"]
     if mistakes:
         gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
-        titles = [f"{rows[i]['predicted']} {rows[i]['probability']:.0%}\n(true {rows[i]['true']})"
+        titles = [f"{rows[i]['predicted']} {rows[i]['probability']:.0%}\n(true {rows[i]['true']}"
+                  f"{'; not sure' * rows[i]['not_sure']})"
                   for i in mistakes[:MISTAKES_SHOWN]]
         nin.save_figure(grid_figure(gallery, classes, args.heatmap, titles), out / "eval_mistakes.png")
         written.append(out / "eval_mistakes.png")

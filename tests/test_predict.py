@@ -540,6 +540,9 @@ def test_not_sure_in_text_json_csv_and_eval(trained, photos, split_data_dir, tmp
     for flags, answered in (([], 0.0), (["--not-sure", "0"], 1.0)):  # in --eval's report too
         report = json.loads(predict_with(weights, trained, "--eval", split_data_dir / "val", "--json", *flags).stdout)
         assert report["answered"] == answered
+        rows = nin.load_csv(trained["dir"] / "predict" / "eval_predictions.csv")  # and in each photo's row
+        assert {r["not_sure"] for r in rows} == {"0" if answered else "1"}
+        assert all(m["not_sure"] == (not answered) for m in report["mistakes"])
 
 
 def test_eval_reports_calibration_and_draws_a_reliability_diagram(trained, split_data_dir, tmp_path):
