@@ -343,7 +343,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=nin.DATA_DIR,
                    help="where train/ and val/ are written (default: %(default)s)")
     p.add_argument("--val-ratio", type=float, default=None,
-                   help=f"share of each class that goes to val/; 0: none, every photo trains (default: {VAL_RATIO})")
+                   help=f"share of the photos that goes to val/ (those whose hash number is below it, so each "
+                        f"class gets about this share); 0: none, every photo trains (default: {VAL_RATIO})")
     p.add_argument("--folds", type=int, default=None, metavar="K",
                    help="cross-validation: cut the photos into K folds by their hash number (with --fold)")
     p.add_argument("--fold", type=int, default=None, metavar="I",

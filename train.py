@@ -203,7 +203,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=nin.DATA_DIR, help="folder holding train/ and val/")
     p.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
                    help="how long the whole run may take, like 90s, 30m or 1h30m: it measures a few steps here, "
-                        "then chooses the recipe and the epochs that fit (flags given explicitly win)")
+                        "then chooses the recipe and the epochs that fit (other flags given explicitly win; "
+                        "not with --epochs or --no-cache)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
