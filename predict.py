@@ -367,11 +367,13 @@ def evaluate_folder(saved: nin.SavedWeights, args: argparse.Namespace, device: t
              "probability": round(float(q[p]), 4), "correct": int(t == p), "not_sure": int(unsure(q, threshold))}
             for r, t, p, q in zip(results, targets.tolist(), top1.tolist(), probs, strict=True)]
     mistakes = sorted((i for i, row in enumerate(rows) if not row["correct"]), key=lambda i: -rows[i]["probability"])
+    shown = mistakes[:MISTAKES_SHOWN]
+    truth = {i: f"true {rows[i]['true']}" + ("; not sure" if rows[i]["not_sure"] else "") for i in shown}
     summary = {"images": len(results), "top1": round(float((top1 == targets).float().mean()), 4),
                f"top{k}": round(float(topk_hit.float().mean()), 4), **reliability}
     if args.json:
         print(json.dumps({**summary, "confusion_matrix": cm.tolist(), "classes": classes,
-                          "mistakes": [rows[i] for i in mistakes[:MISTAKES_SHOWN]]}, indent=2))
+                          "mistakes": [rows[i] for i in shown]}, indent=2))
     else:
         images = "1 image" if len(results) == 1 else f"{len(results)} images"
         print(f"{images} of {args.eval}: top-1 accuracy {summary['top1']:.2%}, "
@@ -387,9 +389,8 @@ def evaluate_folder(saved: nin.SavedWeights, args: argparse.Namespace, device: t
         for c, row in zip(classes, cm.tolist(), strict=True):
             print(f"{c:<{width}}" + "".join(f"{n:>8}" for n in row))
         print(f"\nmost confident mistakes ({len(mistakes)} in all):")
-        for i in mistakes[:MISTAKES_SHOWN]:
-            print(f"  {rows[i]['probability']:.1%} {rows[i]['predicted']:<{width}} (true {rows[i]['true']}"
-                  f"{'; not sure' * rows[i]['not_sure']}): {rows[i]['image']}")
+        for i in shown:
+            print(f"  {rows[i]['probability']:.1%} {rows[i]['predicted']:<{width}} ({truth[i]}): {rows[i]['image']}")
     out = args.out_dir
     nin.save_csv(rows, out / "eval_predictions.csv")
     nin.save_confusion_matrix(cm, classes, out / "eval_confusion.png", f"{args.eval}: top-1 {summary['top1']:.1%}")
@@ -397,10 +398,8 @@ def evaluate_folder(saved: nin.SavedWeights, args: argparse.Namespace, device: t
                        f"'not sure' below {threshold:.0%}", reliability, out / "eval_reliability.png")
     written = [out / "eval_predictions.csv", out / "eval_confusion.png", out / "eval_reliability.png"]
     if mistakes:
-        gallery = [results[i] for i in mistakes[:MISTAKES_SHOWN]]
-        titles = [f"{rows[i]['predicted']} {rows[i]['probability']:.0%}\n(true {rows[i]['true']}"
-                  f"{'; not sure' * rows[i]['not_sure']})"
-                  for i in mistakes[:MISTAKES_SHOWN]]
+        gallery = [results[i] for i in shown]
+        titles = [f"{rows[i]['predicted']} {rows[i]['probability']:.0%}\n({truth[i]})" for i in shown]
         nin.save_figure(grid_figure(gallery, classes, args.heatmap, titles), out / "eval_mistakes.png")
         written.append(out / "eval_mistakes.png")
     if not args.json:
