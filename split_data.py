@@ -75,6 +75,7 @@ def extract(archive: Path, dest: Path) -> None:
     if not hasattr(tarfile, "data_filter"):  # new in Python 3.10.12, 3.11.4 and 3.12
         raise nin.CLIError(f"extracting {archive.name} safely needs Python 3.10.12, 3.11.4 or newer: upgrade Python, "
                            f"or extract it yourself and give the folder to --source")
+    dest.parent.mkdir(parents=True, exist_ok=True)  # data/ itself may be gone
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
     root = tmp.resolve()
     try:
@@ -334,6 +335,30 @@ def check_readable(classes: dict[str, list[Path]], fractions: dict[Path, float |
 # --------------------------------------------------------------------------------------------- main
 
 
+def check_outside(out: Path, source: Path) -> None:
+    """Refuse an --out inside the source folder: the next run would read it as photos (also bench/cv.py's)."""
+    if out.resolve().is_relative_to(source.resolve()):
+        raise nin.CLIError(f"--out {out} is inside the source folder {source}: choose another --out")
+
+
+def check_out(out: Path, source: Path) -> None:
+    """Refuse, before any work, an --out whose split would read its own output or remove photos that are not
+    its own: a split replaces out/train and out/val and deletes the split they held, so they must be
+    split_data.py's (every split it writes carries a .split_id file), and the source must lie outside them."""
+    check_outside(out, source)
+    replaced = [*out.glob(".split-*")]  # the current split's folder, and any left by an interrupted run
+    for half in (out / "train", out / "val"):
+        if half.is_dir() and not half.is_symlink():  # a link of the user's own is replaced, never followed
+            if not (half / nin.SPLIT_ID_FILE).is_file():
+                raise nin.CLIError(f"{half} has no {nin.SPLIT_ID_FILE} file, so split_data.py did not write it, and "
+                                   f"a split replaces it: move it out of {out}, or choose another --out")
+            replaced.append(half)
+    for folder in replaced:
+        if source.resolve().is_relative_to(folder.resolve()):
+            raise nin.CLIError(f"the source folder {source} is inside the split that this one replaces "
+                               f"({folder}): copy its photos elsewhere first")
+
+
 def parse_args() -> argparse.Namespace:
     p = nin.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=None,
@@ -379,8 +404,7 @@ def main() -> None:
     source = args.source or DEFAULT_SOURCE
     if args.archive is not None and source.is_dir():
         nin.warn(f"{source} is there already: --archive {args.archive} is not used (delete {source} to extract it)")
-    if args.out.resolve().is_relative_to(source.resolve()):  # the next split would read its own output
-        raise nin.CLIError(f"--out {args.out} is inside the source folder {source}: choose another --out")
+    check_out(args.out, source)
     if args.source is None and not source.is_dir():
         fetch_flower_photos(source, args.archive)
     classes = list_classes(source)

@@ -347,6 +347,7 @@ def check_settings(out: Path, settings: dict) -> None:
 def main() -> None:
     args, flags = parse_args(sys.argv[1:])
     source = args.source or split_data.DEFAULT_SOURCE
+    split_data.check_outside(args.out, source)  # a second run would take --out for a class
     if args.source is None and not source.is_dir():
         split_data.fetch_flower_photos(source, None)
     settings = {"folds": args.folds, "split_seed": args.split_seed, "source": str(source.resolve()),

@@ -143,6 +143,13 @@ def test_a_mistyped_source_leaves_the_out_folder_usable(tmp_path):
     assert not (tmp_path / "cv" / "cv.json").exists()  # the corrected command is not refused as another recipe
 
 
+def test_cross_validation_refuses_an_out_inside_its_source(tmp_path):
+    source = make_dataset(tmp_path / "source", per_class=2)  # a second run would take cv/ for a class
+    assert_clean_error(run("bench/cv.py", "--source", source, "--out", source / "cv", cwd=tmp_path, check=False),
+                       "inside the source folder")
+    assert not (source / "cv").exists()
+
+
 def test_cross_validation_refuses_to_mix_recipes_in_one_folder(tmp_path):
     source = make_dataset(tmp_path / "source", per_class=4)
     (tmp_path / "cv").mkdir()

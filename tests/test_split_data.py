@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -118,6 +119,8 @@ def test_old_split_is_replaced_completely(source, tmp_path):
     data = tmp_path / "data"
     draw(data / "train" / "purple" / "old.jpg", (120, 0, 120), seed=1)
     draw(data / "val" / "red" / "stale.jpg", (200, 0, 0), seed=2)
+    for half in ("train", "val"):  # as a split_data.py from before links left it: real folders, with the id
+        (data / half / nin.SPLIT_ID_FILE).write_text("old\n")
     split(source, data)
     assert sorted(p.name for p in (data / "train").iterdir() if p.is_dir()) == sorted(COLOURS)
     assert not list(data.glob("*/*/stale.jpg"))
@@ -218,6 +221,9 @@ def test_where_links_cannot_be_made_the_halves_are_moved(source, tmp_path, monke
         split_data.write_split(*split_args(source, ratio), data)
         assert not (data / "train").is_symlink() and sides(data) == sides_of(split_args(source, ratio)[1])
     assert visible(data) == ["train", "val"] and hidden_splits(data) == []
+    split_data.check_out(data, source)  # real halves of its own: a later split may replace them
+    with pytest.raises(CLIError, match="inside the split that this one replaces"):
+        split_data.check_out(data, data / "train")  # but they are no source for it
 
 
 def test_missing_or_empty_source_is_a_clear_error(tmp_path):
@@ -366,8 +372,8 @@ def test_extraction_of_a_good_archive(tmp_path, monkeypatch):
     archive = tmp_path / "good.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "src" / "flower_photos", arcname="flower_photos")
-    split_data.extract(archive, tmp_path / "flower_photos")
-    assert len(list((tmp_path / "flower_photos").glob("*/*.jpg"))) == 6
+    split_data.extract(archive, tmp_path / "data" / "flower_photos")  # data/ not there yet: made
+    assert len(list((tmp_path / "data" / "flower_photos").glob("*/*.jpg"))) == 6
     monkeypatch.delattr(tarfile, "data_filter")  # a Python older than 3.10.12: refused in words, not a TypeError
     with pytest.raises(nin.CLIError, match=r"needs Python 3\.10\.12"):
         split_data.extract(archive, tmp_path / "again")
@@ -460,6 +466,20 @@ def test_out_inside_the_source_is_refused(source):
     assert_clean_error(split(source, source, check=False), "inside the source folder")
 
 
+def test_photos_that_are_not_a_split_are_never_replaced(source, tmp_path):
+    data = tmp_path / "data"
+    mine = draw(data / "train" / "red" / "mine.jpg", COLOURS["red"], seed=4)  # made by hand, as train.py reads it
+    (data / "train" / "red" / "notes.txt").write_text("not a photo: a split would not take it")
+    for photos in (source, data / "train"):  # their own photos split from there, or others
+        assert_clean_error(split(photos, data, check=False), f"{data / 'train'} has no .split_id file")
+    assert mine.is_file() and (data / "train" / "red" / "notes.txt").is_file() and os.listdir(data) == ["train"]
+    shutil.rmtree(data)
+    split(source, data)  # a split of split_data.py's own: its halves are not a source to split again
+    for inside in (data / "train", data / "val" / "red"):
+        assert_clean_error(split(inside, tmp_path / "data", check=False), "inside the split that this one replaces")
+    assert len(sides(data)) == 90
+
+
 def test_photos_in_a_subfolder_are_skipped_with_a_warning(source, tmp_path):
     (source / "blue" / "more").mkdir()
     (source / "green" / "empty").mkdir()  # no photos to move up: no hint
@@ -481,6 +501,8 @@ def test_a_split_from_before_links_is_put_back_when_the_first_switch_is_cut(sour
     data = tmp_path / "data"
     draw(data / "train" / "red" / "old.jpg", COLOURS["red"], seed=1)  # as an older split_data.py left it
     draw(data / "val" / "red" / "old-val.jpg", COLOURS["red"], seed=2)
+    for half in ("train", "val"):
+        (data / half / nin.SPLIT_ID_FILE).write_text("old\n")
     real_replace = os.replace
 
     def killed(src, dst):
