@@ -502,13 +502,16 @@ def per_class_scores(cm: torch.Tensor) -> list[tuple[float, float, float, int]]:
 
 
 def classification_report(cm: torch.Tensor, classes: list[str]) -> str:
-    """Per-class precision, recall, F1 and support, their macro average, and the accuracy."""
+    """Per-class precision, recall, F1 and support, their macro average, and the accuracy. A class without
+    photos here has no recall or F1 to give ("-"), and stays out of the average, which would count it as 0."""
     scores = per_class_scores(cm)
     width = max(len(c) for c in [*classes, "macro avg"])
     lines = [f"{'class':<{width}}  precision  recall     f1  support"]
-    lines += [f"{c:<{width}}  {p:>9.3f}  {r:>6.3f}  {f:>5.3f}  {n:>7}" for c, (p, r, f, n) in
+    lines += [f"{c:<{width}}  {p:>9.3f}  {r:>6.3f}  {f:>5.3f}  {n:>7}" if n else
+              f"{c:<{width}}  {p:>9.3f}  {'-':>6}  {'-':>5}  {n:>7}" for c, (p, r, f, n) in
               zip(classes, scores, strict=True)]
-    macro = [sum(s[i] for s in scores) / len(scores) for i in range(3)]
+    present = [s for s in scores if s[3] > 0]
+    macro = [sum(s[i] for s in present) / max(len(present), 1) for i in range(3)]
     total = int(cm.sum())
     lines.append(f"{'macro avg':<{width}}  {macro[0]:>9.3f}  {macro[1]:>6.3f}  {macro[2]:>5.3f}  {total:>7}")
     lines.append(f"accuracy {int(cm.diag().sum())}/{total} = {cm.diag().sum().item() / max(total, 1):.4f}")

@@ -94,7 +94,7 @@ BF16_SHARE = 0.8
 # that factor once its kernels are built for the shape, which the untimed step before the timed ones pays for.
 EMULATED_BF16_STEPS = 4
 PROBE_BATCH = 4  # few enough images that even emulated bf16 steps them quickly; at least 2 (batch norm)
-PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast"}
+PRECISION_NAMES = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}
 
 # --time, the time budget:
 # What the measurements of 30-minute runs on two CPU cores say a short run needs (bench/RESULTS.md, the CPU
@@ -239,9 +239,10 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="cuda, cuda:1, mps, cpu (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed-precision autocast (fp16 adds loss scaling; off: float32). auto: bf16 on CUDA and "
-                        f"MPS; on a CPU, bf16 only if a few timed steps put it at {round(100 * BF16_SHARE)}%% of "
-                        "float32's time or less")
+                   help="mixed-precision autocast (fp16 adds loss scaling; off: float32). auto: bf16 on MPS and "
+                        "on CUDA GPUs of compute capability 8.0 or more, fp16 on 7.x, float32 below; on a CPU, "
+                        f"bf16 only if a few timed steps put it at {round(100 * BF16_SHARE)}%% of float32's time or "
+                        "less")
     p.add_argument("--per-process-batch", action="store_true",
                    help="under torchrun, --batch-size is per process (global batch = it x processes) "
                         "instead of the global batch split across the processes")
@@ -416,7 +417,10 @@ def check_device_flags(args: argparse.Namespace, run: Run) -> None:
 
 
 def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
-    """--amp, with auto made concrete: bf16 on CUDA and MPS; on a CPU, bf16 where a step in it takes at most
+    """--amp, with auto made concrete: bf16 on MPS and on CUDA GPUs from compute capability 8.0 (Ampere) on. Older
+    GPUs have no bf16 in hardware (cuDNN has no bf16 convolutions for them): fp16 with loss scaling on those with
+    tensor cores (7.x: a V100, a T4), float32 on those without, which gain nothing from fp16 (chosen from what
+    the hardware has; not measured here). On a CPU, bf16 where a step in it takes at most
     BF16_SHARE of a float32 step. A CPU with native bf16 (AMX, AVX512-BF16) about halves the step; one without
     emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name: first on
     PROBE_BATCH images, which gives emulated bf16 away cheaply, then, unless bf16 was over EMULATED_BF16_STEPS
@@ -426,6 +430,10 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     timings, so all take the same choice."""
     if args.amp != "auto":
         return args.amp
+    if run.device.type == "cuda" and (major := torch.cuda.get_device_capability(run.device)[0]) < 8:
+        choice = "fp16" if major >= 7 else "off"
+        run.say(f"--amp auto: {PRECISION_NAMES[choice]} on this GPU (compute capability {major}.x; bf16 needs 8.0)")
+        return choice
     if run.device.type != "cpu":
         run.say(f"--amp auto: bf16 autocast on {run.device.type}")
         return "bf16"
@@ -515,6 +523,9 @@ def find_photos(data_dir: Path, run: Run) -> tuple[ImageFolder, ImageFolder | No
             f"classes; device {run.device}")
     if val_set is None:
         run.say(f"{val_dir} holds no photos: every labelled photo trains and there is nothing to validate on")
+    elif unseen := sorted(set(val_set.classes) - {val_set.classes[t] for t in val_set.targets}):
+        run.say(f"{val_dir} has no photos of {nin.few(unseen)}: validation cannot tell how well they are "
+                f"recognised", write=nin.warn)
     return train_set, val_set
 
 
@@ -561,22 +572,25 @@ class PhotoFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def find_images(split_dir: Path) -> ImageFolder:
-    """The photos of split_dir by class folder, with ImageFolder's errors turned into advice."""
+def find_images(split_dir: Path, allow_empty: bool = False) -> ImageFolder:
+    """The photos of split_dir by class folder, with ImageFolder's errors turned into advice; a class folder
+    without photos is one, unless allow_empty."""
     if not split_dir.is_dir():
         raise nin.CLIError(f"{split_dir} not found: run `python split_data.py` first")
     try:
         # The photos nin.image_files lists for predict.py: ImageFolder alone would take hidden subfolders' too.
-        return PhotoFolder(split_dir, is_valid_file=functools.partial(nin.is_photo_in, split_dir))
+        return PhotoFolder(split_dir, is_valid_file=functools.partial(nin.is_photo_in, split_dir),
+                           allow_empty=allow_empty)
     except OSError as error:  # no class folders, an empty class, a folder we may not read
         raise nin.CLIError(f"{split_dir}: {error}") from None
 
 
 def find_val_images(val_dir: Path) -> ImageFolder | None:
-    """find_images for val/, or None when it holds no photos at all (split_data.py --val-ratio 0)."""
+    """find_images for val/, or None when it holds no photos at all (split_data.py --val-ratio 0). A class
+    may have none there: split_data.py draws val/ photo by photo, so a class of a few photos can get none."""
     if val_dir.is_dir() and not nin.image_files(val_dir):
         return None
-    return find_images(val_dir)
+    return find_images(val_dir, allow_empty=True)
 
 
 def check_same_split(train: ImageFolder, val: ImageFolder | None, train_dir: Path, val_dir: Path) -> None:

@@ -295,3 +295,10 @@ def test_image_files_follow_links_to_folders_once_and_skip_hidden_ones(tmp_path)
     (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
     (folder / "loop").symlink_to(folder, target_is_directory=True)
     assert nin.image_files(folder) == [folder / "a.jpg", folder / "linked" / "b.png"]
+
+
+def test_a_class_without_photos_has_no_recall_and_stays_out_of_the_macro_average():
+    cm = torch.tensor([[3, 1, 0], [0, 4, 0], [0, 0, 0]])  # no photo of c (as in a val/ that got none of it)
+    lines = nin.classification_report(cm, ["a", "b", "c"]).splitlines()
+    assert lines[3].split() == ["c", "0.000", "-", "-", "0"]
+    assert lines[4].split()[:5] == ["macro", "avg", "0.900", "0.875", "0.873"]  # a and b only, not c as 0

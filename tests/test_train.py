@@ -334,6 +334,19 @@ def test_empty_class_folder_is_a_clear_error(tmp_path, split_data_dir):
     assert_clean_error(result, "purple")
 
 
+def test_a_class_without_val_photos_trains_with_a_warning(tmp_path, split_data_dir):
+    data = copy_of_split(split_data_dir, tmp_path)  # as split_data.py may leave a class of a few photos
+    for photo in (data / "val" / "red").iterdir():
+        photo.rename(data / "train" / "red" / photo.name)
+    result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--epochs", "1", "--out-dir", tmp_path / "run",
+                 "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path)
+    assert f"warning: {data / 'val'} has no photos of red: validation cannot tell" in result.stderr
+    assert nin.load_class_names(tmp_path / "c.json") == ["blue", "green", "red"]
+    others = len(list((data / "val").glob("*/*.jpg")))  # blue's and green's, validated
+    assert f"and {others} validation images" in result.stdout
+    assert re.search(r"^red +\d\.\d{3} +- +- +0$", result.stdout, re.MULTILINE)  # no recall to give, not 0
+
+
 def test_hidden_folders_are_not_classes(split_data_dir, tmp_path):
     """A Jupyter checkpoint folder (or any hidden one) in train/ and val/ is not a class, none inside a class
     folder holds photos, macOS's `._photo.jpg` metadata files are not photos, and files not named like images
@@ -1069,8 +1082,14 @@ def test_amp_given_or_on_a_gpu_is_not_timed(capsys, monkeypatch):
     assert train.choose_amp(train.parse_args(["--amp", "off"]), 3, cpu_run()) == "off"  # given: kept
     assert train.choose_amp(train.parse_args(["--amp", "bf16"]), 3, cpu_run()) == "bf16"
     gpu_run = dataclasses.replace(cpu_run(), device=torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert train.choose_amp(args, 3, gpu_run) == "bf16"
     assert "--amp auto: bf16 autocast on cuda" in capsys.readouterr().out
+    for capability, chosen in (((7, 5), "fp16"), ((6, 1), "off")):  # a T4: tensor cores; a GTX 1080: neither
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert train.choose_amp(args, 3, gpu_run) == chosen
+        assert f"--amp auto: {train.PRECISION_NAMES[chosen]} on this GPU (compute capability {capability[0]}.x" \
+            in capsys.readouterr().out
 
 
 def test_a_timing_pays_the_one_off_costs_before_it_times(monkeypatch):
