@@ -70,10 +70,10 @@ def check(exported: bytes, saved: nin.SavedWeights, images: list[Path], toleranc
 
     session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
     model, image_size, temperature = saved.model, saved.image_size, saved.calibration.temperature
-    try:
-        photos = [nin.eval_tensor(path, image_size) for path in images]
-    except nin.UnreadableImage as error:
-        raise nin.CLIError(f"--check: cannot read {error}") from None
+    decoded = nin.decode_images(images, nin.eval_tensor, image_size, nin.WORKERS, "decode", progress=False)
+    photos = [image for image in decoded if image is not None]  # an unreadable file: skipped with a warning
+    if not photos:
+        raise nin.CLIError("--check: none of the images could be read")
     generator = torch.Generator().manual_seed(0)
     drawn = [torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=generator)
              for _ in range(4)]
@@ -121,6 +121,8 @@ def main() -> None:
         p.error("--tolerance must be between 0 and 1")
     nin.check_output_file(args.out, "--out")
     images = predict.expand(args.check or [])  # a path that is not there: refused before the export's seconds
+    if args.check and not images:
+        raise nin.CLIError("--check: no images in the folders given")
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401

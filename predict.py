@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # matplotlib is imported only where a figure is drawn
     from matplotlib.figure import Figure
 
 TOP_K = 3
+OUT_DIR = nin.RUNS_DIR / "predict"
 BATCH_SIZE = 64
 GRID_MAX = 48  # thumbnails in a figure of several images; the CSV has them all
 MISTAKES_SHOWN = 12
@@ -53,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weights", type=Path, default=nin.WEIGHTS_PATH, help="trained weights (default: %(default)s)")
     p.add_argument("--class-idx", type=Path, default=nin.CLASS_IDX_PATH,
                    help="class map written by train.py (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=TOP_K, help="classes listed per image (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help=f"classes listed per image (default: {TOP_K})")
     p.add_argument("--heatmap", action="store_true",
                    help="overlay the predicted class's map (the one its logit is the mean of) on the photos")
     p.add_argument("--not-sure", type=float, default=None, metavar="P",
@@ -66,8 +67,8 @@ def parse_args() -> argparse.Namespace:
                         "figures into --out-dir)")
     p.add_argument("--save", type=Path, default=None, metavar="FILE",
                    help="save the figure (PNG, PDF, ...) instead of showing it")
-    p.add_argument("--out-dir", type=Path, default=nin.RUNS_DIR / "predict",
-                   help="where the CSVs and --eval's figures go (default: %(default)s)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help=f"where the CSV of several images (without --json) and --eval's files go (default: {OUT_DIR})")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=nin.WORKERS, help="decoding threads (default: %(default)s)")
@@ -81,8 +82,12 @@ def parse_args() -> argparse.Namespace:
         p.error("--save names the figure of the images; --eval writes its figures into --out-dir")
     if args.calibrate and args.not_sure is not None:
         p.error("--calibrate fits the 'not sure' threshold itself: not with --not-sure")
-    if args.calibrate and (args.json or args.heatmap or args.tta):  # the temperature serves plain predictions
-        p.error("--calibrate prints its fit and stores it in --weights: not with --json, --heatmap or --tta")
+    # The temperature serves plain predictions; and --calibrate lists no classes and writes no CSV or figure.
+    if args.calibrate and (args.json or args.heatmap or args.tta or args.top_k is not None or args.out_dir is not None):
+        p.error("--calibrate prints its fit and stores it in --weights: not with --json, --heatmap, --tta, --top-k "
+                "or --out-dir")
+    args.top_k = TOP_K if args.top_k is None else args.top_k  # None until here: given, or left at the default
+    args.out_dir = OUT_DIR if args.out_dir is None else args.out_dir
     if args.not_sure is not None and not 0 <= args.not_sure < 1:
         p.error("--not-sure must be in [0, 1)")
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
@@ -496,7 +501,13 @@ def oof_logits(rows: list[dict[str, str]], classes: list[str]) -> tuple[torch.Te
     for line, row in enumerate(rows, start=2):
         if None in row.values() or row["label"] not in classes:
             raise ValueError(f"line {line}: too few columns, or a label that is not one of {nin.few(classes)}")
-    probs = torch.tensor([[float(r[c]) for c in columns] for r in rows], dtype=torch.float64)
+    def number(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            return math.nan  # reported with its line below, as any other value outside [0, 1]
+
+    probs = torch.tensor([[number(r[c]) for c in columns] for r in rows], dtype=torch.float64)
     outside = ~((probs >= 0) & (probs <= 1)).all(1)  # nan and inf too: a temperature fitted on them would be nan
     if outside.any():
         raise ValueError(f"line {int(outside.nonzero()[0]) + 2}: a probability that is not a number from 0 to 1")

@@ -18,10 +18,12 @@ pytest.importorskip("onnxscript")
 def test_export_matches_predict_and_carries_its_classes(trained, tmp_path):
     photos = [draw(tmp_path / "photos" / f"{name}.png", colour, seed=700 + i) for i, (name, colour) in
               enumerate(COLOURS.items())]
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not an image")  # skipped with a warning, as predict.py does
     out = tmp_path / "NiN.onnx"
     result = run("export.py", "--weights", trained["weights"], "--class-idx", trained["class_idx"], "--out", out,
                  "--check", tmp_path / "photos", ROOT / "test_img", cwd=tmp_path)
-    assert "top-1 the same for every one" in result.stdout
+    assert "top-1 the same for every one" in result.stdout and "(8 photos, 7 drawn)" in result.stdout
+    assert "warning: skipped" in result.stderr and "broken.jpg" in result.stderr
     model = onnx.load(out)
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == ["blue", "green", "red"] and meta["image_size"] == "64"
@@ -61,6 +63,8 @@ def test_an_export_that_disagrees_is_refused(trained, tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags,named", [(["--tolerance", "2", "--check", "x.jpg"], "between 0 and 1"),
                                          (["--tolerance", "0.01"], "give it with --check"),
                                          (["--check", "missing.jpg", "--weights", "missing.pth"],  # before any work
-                                          "image not found: missing.jpg")])
+                                          "image not found: missing.jpg"),
+                                         (["--check", ".", "--weights", "missing.pth"],  # an empty folder
+                                          "--check: no images in the folders given")])
 def test_export_refuses_bad_flags(tmp_path, flags, named):
     assert_clean_error(run("export.py", *flags, cwd=tmp_path, check=False), named)

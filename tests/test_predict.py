@@ -388,12 +388,14 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
     (["--eval", "val", "--save", "e.png"], "--save names the figure of the images"),
     (["--calibrate", "val", "--save", "c.png"], "--save names the figure of the images"),
     (["--calibrate", "val", "--not-sure", "0.5"], "fits the 'not sure' threshold itself"),
-    (["--calibrate", "val", "--tta"], "not with --json, --heatmap or --tta"),
-    (["--calibrate", "val", "--json"], "not with --json, --heatmap or --tta"),
-    (["--calibrate", "val", "--heatmap"], "not with --json, --heatmap or --tta"),
+    (["--calibrate", "val", "--tta"], "not with --json, --heatmap, --tta"),
+    (["--calibrate", "val", "--json"], "not with --json, --heatmap, --tta"),
+    (["--calibrate", "val", "--heatmap"], "not with --json, --heatmap, --tta"),
+    (["--calibrate", "val", "--top-k", "3"], "--tta, --top-k or --out-dir"),  # even at the default's value
+    (["--calibrate", "val", "--out-dir", "x"], "--tta, --top-k or --out-dir"),
     (["x.jpg", "--json", "--heatmap"], "--json draws no figure")],
     ids=["eval-save", "calibrate-save", "calibrate-not-sure", "calibrate-tta", "calibrate-json", "calibrate-heatmap",
-         "json-heatmap"])
+         "calibrate-top-k", "calibrate-out-dir", "json-heatmap"])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, flags, message):
     assert_clean_error(run("predict.py", *flags, cwd=tmp_path, check=False), message)
 
@@ -489,7 +491,7 @@ def test_calibrate_on_a_folder_or_on_out_of_fold_predictions(trained, split_data
     ("photo,label\nred/a.jpg,red\n", "not an oof_predictions.csv"),
     ("label,{p}\nred,{ones}\nred\n", "line 3: too few columns"),
     ("label,{p}\npurple,{ones}\n", "line 2: too few columns, or a label"),
-    ("label,{p}\nred,{words}\n", "could not convert"),
+    ("label,{p}\nred,{ones}\nred,{words}\n", "line 3: a probability that is not a number from 0 to 1"),
     ("label,{p}\nred,\"{ones}\n", "line 2"),  # a quote that never closes: the row swallows the file
     ("label,{p}\nred,{ones}\nred,{nans}\n", "line 3: a probability that is not a number from 0 to 1"),
     ("label,{p}\nred,{twos}\n", "line 2: a probability that is not a number from 0 to 1"),
