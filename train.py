@@ -1372,11 +1372,12 @@ class Progress:
     def record(self, epoch: int, train_loss: float, train_acc: float, val_loss: float | None,
                val_cm: torch.Tensor | None, lr: float, size: int, seconds: float) -> bool:
         """Add the epoch's row; whether it is the best on val so far (the same in every process: val_cm is
-        summed over them)."""
-        val_acc = None if val_cm is None else val_cm.diag().sum().item() / val_cm.sum().item()
+        summed over them). Compared as metrics.csv holds it (4 digits), so that the best epoch kept here is the one
+        best_validated finds there: the first of equal accuracies."""
+        val_acc = None if val_cm is None else round(val_cm.diag().sum().item() / val_cm.sum().item(), 4)
         self.history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
                              "val_loss": "" if val_loss is None else round(val_loss, 4),
-                             "val_acc": "" if val_acc is None else round(val_acc, 4), "lr": f"{lr:.3g}",
+                             "val_acc": "" if val_acc is None else val_acc, "lr": f"{lr:.3g}",
                              "size": size, "seconds": round(seconds, 1)})
         improved = val_acc is not None and (self.best_cm is None or val_acc > self.best_acc)
         if improved:

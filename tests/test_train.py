@@ -347,6 +347,16 @@ def test_a_class_without_val_photos_trains_with_a_warning(tmp_path, split_data_d
     assert re.search(r"^red +\d\.\d{3} +- +- +0$", result.stdout, re.MULTILINE)  # no recall to give, not 0
 
 
+def test_the_best_epoch_kept_is_the_one_metrics_csv_names():
+    import train
+
+    progress = train.Progress()
+    first, second = torch.tensor([[91241, 8759], [0, 0]]), torch.tensor([[91243, 8757], [0, 0]])  # 91.241, 91.243 %
+    assert progress.record(1, 1.0, 0.5, 0.3, first, 0.1, 64, 1.0)
+    assert not progress.record(2, 1.0, 0.5, 0.3, second, 0.1, 64, 1.0)  # both 0.9124 in metrics.csv
+    assert train.best_validated(progress.history)["epoch"] == 1 and progress.best_cm is first
+
+
 def test_hidden_folders_are_not_classes(split_data_dir, tmp_path):
     """A Jupyter checkpoint folder (or any hidden one) in train/ and val/ is not a class, none inside a class
     folder holds photos, macOS's `._photo.jpg` metadata files are not photos, and files not named like images
