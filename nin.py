@@ -507,9 +507,9 @@ def classification_report(cm: torch.Tensor, classes: list[str]) -> str:
     scores = per_class_scores(cm)
     width = max(len(c) for c in [*classes, "macro avg"])
     lines = [f"{'class':<{width}}  precision  recall     f1  support"]
-    lines += [f"{c:<{width}}  {p:>9.3f}  {r:>6.3f}  {f:>5.3f}  {n:>7}" if n else
-              f"{c:<{width}}  {p:>9.3f}  {'-':>6}  {'-':>5}  {n:>7}" for c, (p, r, f, n) in
-              zip(classes, scores, strict=True)]
+    for c, (p, r, f, n) in zip(classes, scores, strict=True):
+        recall, f1 = (f"{r:.3f}", f"{f:.3f}") if n else ("-", "-")
+        lines.append(f"{c:<{width}}  {p:>9.3f}  {recall:>6}  {f1:>5}  {n:>7}")
     present = [s for s in scores if s[3] > 0]
     macro = [sum(s[i] for s in present) / max(len(present), 1) for i in range(3)]
     total = int(cm.sum())
