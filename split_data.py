@@ -232,9 +232,9 @@ def write_split(classes: dict[str, list[Path]], sides: dict[Path, str | None], o
         except BaseException:
             if not (current.is_symlink() and os.readlink(current) == new.name):  # cut before the switch
                 for half in ("train", "val"):  # a split from before links, moved aside: put back
-                    if (new / f"previous-{half}").exists() and not (out / half).is_dir():
+                    if (aside := moved_aside(new, half)).exists() and not (out / half).is_dir():
                         remove(out / half)
-                        os.replace(new / f"previous-{half}", out / half)
+                        os.replace(aside, out / half)
                 remove(new)
             raise
         if in_use is not None:
@@ -261,23 +261,29 @@ def switch_link(out: Path, new: Path) -> None:
             (out / half).unlink()  # a link of the user's own, elsewhere: this split replaces it
         if not (out / half).is_symlink():
             if (out / half).exists():  # a split made before links were used: moved into the new folder, removed
-                os.replace(out / half, new / f"previous-{half}")
+                os.replace(out / half, moved_aside(new, half))
             os.symlink(Path(".split") / half, out / half)
     link = out / f".split.link-{new.name}"
     os.symlink(new.name, link)
     os.replace(link, out / ".split")
     for half in ("train", "val"):
-        remove(new / f"previous-{half}")
+        remove(moved_aside(new, half))
 
 
 def move_halves(out: Path, new: Path) -> None:
     """Where links cannot be made: the old halves moved out, the new ones moved in (four renames)."""
     for half in ("train", "val"):
         if (out / half).exists():
-            os.replace(out / half, new / f"previous-{half}")
+            os.replace(out / half, moved_aside(new, half))
     for half in ("train", "val"):
         os.replace(new / half, out / half)
     remove(new)
+
+
+def moved_aside(new: Path, half: str) -> Path:
+    """Where a real out/train or out/val that a split replaces waits, inside the new split's folder, until the
+    new split is in place (then it is removed with it) or has failed (then it is put back)."""
+    return new / f"previous-{half}"
 
 
 def links_work(folder: Path) -> bool:

@@ -146,7 +146,7 @@ def main() -> None:
         progress = Progress.from_checkpoint(checkpoint, args)
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
-        run.say(f"resumed {args.out_dir / 'checkpoint.pth'} after epoch {progress.epoch}{best}")
+        run.say(f"resumed {checkpoint_path(args.out_dir)} after epoch {progress.epoch}{best}")
     if progress.epoch >= args.epochs:  # resumed after its last epoch: the saver only puts NiN.pth right
         run.say(f"this run had finished its {args.epochs} epochs: nothing more to train")
     else:
@@ -321,6 +321,11 @@ def check_outputs(args: argparse.Namespace) -> None:
     nin.check_output_folder(args.out_dir, "--out-dir")
 
 
+def checkpoint_path(out_dir: Path) -> Path:
+    """The file --resume continues from, in a run's --out-dir."""
+    return out_dir / "checkpoint.pth"
+
+
 def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict | None]:
     """With --resume: the run's own settings from its checkpoint (--device and --workers are taken from this
     command line, and --amp when it is given: they belong to the machine), and the checkpoint itself. Without:
@@ -329,9 +334,9 @@ def resume(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespac
     before any work."""
     if not args.resume:
         return args, None
-    checkpoint = nin.load_torch(args.out_dir / "checkpoint.pth", "checkpoint")
+    checkpoint = nin.load_torch(checkpoint_path(args.out_dir), "checkpoint")
     if not CHECKPOINT_KEYS <= checkpoint.keys():
-        raise nin.CLIError(f"{args.out_dir / 'checkpoint.pth'} is not a checkpoint written by train.py "
+        raise nin.CLIError(f"{checkpoint_path(args.out_dir)} is not a checkpoint written by train.py "
                            f"(NiN.pth holds weights only: it cannot be resumed)")
     # Where the checkpoint was found wins over where the run first wrote it (the folder may have moved), and
     # outputs that lived inside that folder move with it.
@@ -1414,7 +1419,7 @@ class Saver:
                  trained_on: torch.Tensor | None, clock: Clock, run: Run) -> None:
         self.args, self.classes, self.keep_last, self.clock, self.run = args, classes, keep_last, clock, run
         self.trained_on = trained_on
-        self.checkpoint = args.out_dir / "checkpoint.pth"
+        self.checkpoint = checkpoint_path(args.out_dir)
         self.saved_epoch, self.saved_at, self.drawn_at = saved_epoch, -math.inf, -math.inf
         self.best: dict | None = None  # the best epoch's weights (--keep best), on the CPU
 

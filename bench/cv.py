@@ -88,7 +88,7 @@ def fold_dir(out: Path, fold: int) -> Path:
 
 def train_fold(folder: Path, flags: list[str], threads: int | None) -> tuple[bool, float]:
     """train.py on folder/data (resumed if a checkpoint is there); whether it succeeded, and its wall time."""
-    resume = ["--resume"] if (folder / "run" / "checkpoint.pth").is_file() else []
+    resume = ["--resume"] if train.checkpoint_path(folder / "run").is_file() else []
     start = time.perf_counter()
     code = run_train(folder / "data", folder / "run", folder, ["--keep", "last", *resume, *flags], threads)
     return code == 0, time.perf_counter() - start
@@ -144,7 +144,7 @@ def finish_fold(folder: Path, fold: int, seconds: float, workers: int, device: t
     history = nin.load_csv(folder / "run" / "metrics.csv")
     validated = train.validated_epochs(history)
     best = train.best_validated(history)
-    checkpoint = nin.load_torch(folder / "run" / "checkpoint.pth", "checkpoint")
+    checkpoint = nin.load_torch(train.checkpoint_path(folder / "run"), "checkpoint")
     result = {"fold": fold, "photos": len(rows), "classes": classes,
               "last_correct": sum(r["predicted"] == r["label"] for r in rows),
               "last_acc_in_training": float(validated[-1]["val_acc"]), "epochs": len(history),
