@@ -528,9 +528,6 @@ def find_photos(data_dir: Path, run: Run) -> tuple[ImageFolder, ImageFolder | No
             f"classes; device {run.device}")
     if val_set is None:
         run.say(f"{val_dir} holds no photos: every labelled photo trains and there is nothing to validate on")
-    elif unseen := sorted(set(val_set.classes) - {val_set.classes[t] for t in val_set.targets}):
-        run.say(f"{val_dir} has no photos of {nin.few(unseen)}: validation cannot tell how well they are "
-                f"recognised", write=nin.warn)
     return train_set, val_set
 
 
@@ -550,6 +547,7 @@ def load_data(photos: tuple[ImageFolder, ImageFolder | None], data_dir: Path, im
     val = None
     if val_set is not None:
         images, labels = decode_once(val_set.samples, nin.eval_tensor, image_size, workers, "val", cache_dir, run)
+        warn_unvalidated_classes(val_set.classes, labels, data_dir / "val", run)
         val = images.to(run.device), labels.to(run.device)
     if stream:
         training = StreamedTraining(train_set.samples, image_size, batch_size, workers, seed, run)
@@ -559,6 +557,15 @@ def load_data(photos: tuple[ImageFolder, ImageFolder | None], data_dir: Path, im
             raise nin.CLIError(f"{len(labels)} readable training photo: batch norm needs at least two")
         training = CachedTraining(images.to(run.device), labels.to(run.device), batch_size, seed, run)
     return Data(train_set.classes, training, val)
+
+
+def warn_unvalidated_classes(classes: list[str], labels: torch.Tensor, val_dir: Path, run: Run) -> None:
+    """A class may have no readable photo in val/ (split_data.py draws val/ photo by photo, so a class of a few
+    photos can get none): training goes on, but the val figures say nothing about it."""
+    validated = set(labels.tolist())
+    if unseen := [name for i, name in enumerate(classes) if i not in validated]:
+        run.say(f"{val_dir} has no photos of {nin.few(unseen)}: validation cannot tell how well they are "
+                f"recognised", write=nin.warn)
 
 
 def make_model(num_classes: int, args: argparse.Namespace) -> nin.NiN:
@@ -592,7 +599,7 @@ def find_images(split_dir: Path, allow_empty: bool = False) -> ImageFolder:
 
 def find_val_images(val_dir: Path) -> ImageFolder | None:
     """find_images for val/, or None when it holds no photos at all (split_data.py --val-ratio 0). A class
-    may have none there: split_data.py draws val/ photo by photo, so a class of a few photos can get none."""
+    without photos there is allowed (load_data warns about it, once it knows which photos are readable)."""
     if val_dir.is_dir() and not nin.image_files(val_dir):
         return None
     return find_images(val_dir, allow_empty=True)

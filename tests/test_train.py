@@ -336,15 +336,18 @@ def test_empty_class_folder_is_a_clear_error(tmp_path, split_data_dir):
 
 def test_a_class_without_val_photos_trains_with_a_warning(tmp_path, split_data_dir):
     data = copy_of_split(split_data_dir, tmp_path)  # as split_data.py may leave a class of a few photos
-    for photo in (data / "val" / "red").iterdir():
-        photo.rename(data / "train" / "red" / photo.name)
+    for name in ("green", "red"):
+        for photo in (data / "val" / name).iterdir():
+            photo.rename(data / "train" / name / photo.name)
+    (data / "val" / "green" / "broken.jpg").write_text("not a photo")  # green's only val file cannot be read
     result = run("train.py", "--data-dir", data, *TRAIN_FLAGS, "--epochs", "1", "--out-dir", tmp_path / "run",
                  "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json", cwd=tmp_path)
-    assert f"warning: {data / 'val'} has no photos of red: validation cannot tell" in result.stderr
+    assert f"warning: {data / 'val'} has no photos of green, red: validation cannot tell" in result.stderr
     assert nin.load_class_names(tmp_path / "c.json") == ["blue", "green", "red"]
-    others = len(list((data / "val").glob("*/*.jpg")))  # blue's and green's, validated
-    assert f"and {others} validation images" in result.stdout
-    assert re.search(r"^red +\d\.\d{3} +- +- +0$", result.stdout, re.MULTILINE)  # no recall to give, not 0
+    listed = len(list((data / "val").glob("*/*.jpg")))  # blue's and the unreadable one
+    assert f"and {listed} validation images" in result.stdout
+    for name in ("green", "red"):  # no recall to give, not 0
+        assert re.search(rf"^{name} +\d\.\d{{3}} +- +- +0$", result.stdout, re.MULTILINE)
 
 
 def test_the_best_epoch_kept_is_the_one_metrics_csv_names():
