@@ -348,6 +348,9 @@ def main() -> None:
     args, flags = parse_args(sys.argv[1:])
     source = args.source or split_data.DEFAULT_SOURCE
     split_data.check_outside(args.out, source)  # a second run would take --out for a class
+    if any(source.resolve().is_relative_to(fold_dir(args.out, k).resolve()) for k in range(args.folds)):
+        raise nin.CLIError(f"the source folder {source} is inside a fold folder of --out {args.out}, which this run "
+                           f"writes: copy its photos elsewhere first")
     if args.source is None and not source.is_dir():
         split_data.fetch_flower_photos(source, None)
     settings = {"folds": args.folds, "split_seed": args.split_seed, "source": str(source.resolve()),

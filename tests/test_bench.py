@@ -143,11 +143,15 @@ def test_a_mistyped_source_leaves_the_out_folder_usable(tmp_path):
     assert not (tmp_path / "cv" / "cv.json").exists()  # the corrected command is not refused as another recipe
 
 
-def test_cross_validation_refuses_an_out_inside_its_source(tmp_path):
+def test_cross_validation_refuses_an_out_inside_its_source_and_a_source_inside_its_out(tmp_path):
     source = make_dataset(tmp_path / "source", per_class=2)  # a second run would take cv/ for a class
     assert_clean_error(run("bench/cv.py", "--source", source, "--out", source / "cv", cwd=tmp_path, check=False),
                        "inside the source folder")
     assert not (source / "cv").exists()
+    fold_photos = make_dataset(tmp_path / "cv" / "fold-1" / "data" / "train", per_class=2)
+    assert_clean_error(run("bench/cv.py", "--source", fold_photos, "--out", tmp_path / "cv", cwd=tmp_path,
+                           check=False), "inside a fold folder")
+    assert len(list(fold_photos.rglob("*.jpg"))) == 3 * 2 and not (tmp_path / "cv" / "cv.json").exists()
 
 
 def test_cross_validation_refuses_to_mix_recipes_in_one_folder(tmp_path):
