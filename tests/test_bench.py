@@ -190,6 +190,25 @@ def test_budgets_pool_each_cross_validation_and_plot_them_by_time(tmp_path):
     assert_clean_error(run("bench/budgets.py", tmp_path / "no-time", cwd=tmp_path, check=False), "no --time")
 
 
+def test_budgets_draw_one_line_per_series_each_sorted_by_time(tmp_path):
+    fake_cross_validation(tmp_path / "a30", ["--time", "30m"], [(650, 500, 1790.0)])
+    fake_cross_validation(tmp_path / "b30", ["--time", "30m"], [(650, 585, 1790.0)])
+    fake_cross_validation(tmp_path / "b10", ["--time", "10m"], [(650, 520, 599.0)])
+    fake_cross_validation(tmp_path / "a10", ["--time", "10m"], [(650, 480, 590.0)])
+    result = run("bench/budgets.py", "--series", "slow host", tmp_path / "a30", "--series", "fast host",
+                 tmp_path / "b30", tmp_path / "b10", "--series", "slow host", tmp_path / "a10", "--save",
+                 tmp_path / "b.png", cwd=tmp_path)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "host" in line]
+    assert [row.split(" | ")[:3] for row in rows] == [["| slow host", "10 min", "1 of 5"],  # a label twice: one line
+                                                     ["| slow host", "30 min", "1 of 5"],
+                                                     ["| fast host", "10 min", "1 of 5"],
+                                                     ["| fast host", "30 min", "1 of 5"]]
+    assert "| 90.00% (585/650;" in rows[3]
+    assert (tmp_path / "b.png").is_file()
+    for flags, named in [(["--series", "lonely"], "--series takes a label"), ([], "give the folders")]:
+        assert_clean_error(run("bench/budgets.py", *flags, cwd=tmp_path, check=False), named)
+
+
 @pytest.mark.parametrize("script, flags, named", [
     ("bench/throughput.py", ["--steps", "0"], "--steps"), ("bench/throughput.py", ["--threads", "2,0"], "--threads"),
     ("bench/throughput.py", ["--threads", "two"], "not comma-separated"),
