@@ -158,8 +158,10 @@ def test_several_images_give_a_csv_row_each(trained, photos, tmp_path):
 
 
 def test_single_image_figure_with_heatmap(trained, photos, tmp_path):
-    predict(trained, photos[("green", "RGB")], "--heatmap", "--tta", "--save", tmp_path / "one.png")
-    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+    for name, flags in (("heat.png", ["--heatmap"]), ("plain.png", [])):
+        predict(trained, photos[("green", "RGB")], *flags, "--tta", "--save", tmp_path / name)
+    heat, plain = (tmp_path / "heat.png").read_bytes(), (tmp_path / "plain.png").read_bytes()
+    assert heat[:4] == plain[:4] == b"\x89PNG" and heat != plain  # the class map drawn over the photo
 
 
 def test_class_maps_are_what_the_logits_pool_and_tta_averages_the_mirror(trained):
@@ -393,9 +395,10 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
     (["--calibrate", "val", "--heatmap"], "not with --json, --heatmap, --tta"),
     (["--calibrate", "val", "--top-k", "3"], "--tta, --top-k or --out-dir"),  # even at the default's value
     (["--calibrate", "val", "--out-dir", "x"], "--tta, --top-k or --out-dir"),
-    (["x.jpg", "--json", "--heatmap"], "--json draws no figure")],
+    (["x.jpg", "--json", "--heatmap"], "--json draws no figure"),
+    (["x.jpg", "--json", "--save", "p.png"], "--json draws no figure")],
     ids=["eval-save", "calibrate-save", "calibrate-not-sure", "calibrate-tta", "calibrate-json", "calibrate-heatmap",
-         "calibrate-top-k", "calibrate-out-dir", "json-heatmap"])
+         "calibrate-top-k", "calibrate-out-dir", "json-heatmap", "json-save"])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, flags, message):
     assert_clean_error(run("predict.py", *flags, cwd=tmp_path, check=False), message)
 

@@ -1150,8 +1150,8 @@ def test_timing_a_precision_leaves_the_run_and_its_random_numbers_as_they_were()
 
 def test_bf16_autocast_on_the_cpu_learns_and_its_weights_load_in_float32(split_data_dir, tmp_path):
     out = tmp_path / "bf16"
-    run("train.py", *TRAIN_FLAGS, "--amp", "bf16", "--data-dir", split_data_dir, "--out-dir", out, "--weights",
-        out / "NiN.pth", "--class-idx", out / "c.json", cwd=tmp_path)
+    run("train.py", *TRAIN_FLAGS, "--amp", "bf16", "--device", "cpu", "--data-dir", split_data_dir, "--out-dir", out,
+        "--weights", out / "NiN.pth", "--class-idx", out / "c.json", cwd=tmp_path)
     assert max(float(r["val_acc"]) for r in nin.load_csv(out / "metrics.csv")) >= 0.9
     model = nin.load_weights(out / "NiN.pth").model
     assert {p.dtype for p in model.state_dict().values() if p.is_floating_point()} == {torch.float32}
