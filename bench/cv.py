@@ -344,13 +344,19 @@ def check_settings(out: Path, settings: dict) -> None:
                            f"use another --out, or delete it to start again")
 
 
+def check_folders(out: Path, source: Path, folds: int) -> None:
+    """Refuse, before any work, an --out inside the source (a second run would take it for a class) and a source
+    inside one of the fold folders this run writes (a fold's data/ is replaced by its split)."""
+    split_data.check_outside(out, source)
+    if any(source.resolve().is_relative_to(fold_dir(out, k).resolve()) for k in range(folds)):
+        raise nin.CLIError(f"the source folder {source} is inside a fold folder of --out {out}, which this run "
+                           f"writes: copy its photos elsewhere first")
+
+
 def main() -> None:
     args, flags = parse_args(sys.argv[1:])
     source = args.source or split_data.DEFAULT_SOURCE
-    split_data.check_outside(args.out, source)  # a second run would take --out for a class
-    if any(source.resolve().is_relative_to(fold_dir(args.out, k).resolve()) for k in range(args.folds)):
-        raise nin.CLIError(f"the source folder {source} is inside a fold folder of --out {args.out}, which this run "
-                           f"writes: copy its photos elsewhere first")
+    check_folders(args.out, source, args.folds)
     if args.source is None and not source.is_dir():
         split_data.fetch_flower_photos(source, None)
     settings = {"folds": args.folds, "split_seed": args.split_seed, "source": str(source.resolve()),
