@@ -904,11 +904,11 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int, step_every: int) -> float:
     """The learning rate at a step, over --lr. "cosine": a linear warmup over `warmup` steps from 1/warmup
-    (at most all steps but the last), then half a cosine down to 0 at step `total`; "step": x0.1 every
-    `step_every` steps."""
+    (at most half the steps: a run shorter than its warmup, such as a --time plan of one epoch, still anneals),
+    then half a cosine down to 0 at step `total`; "step": x0.1 every `step_every` steps."""
     if schedule == "step":
         return 0.1 ** (step // step_every)
-    warmup = min(warmup, total - 1)
+    warmup = min(warmup, total // 2)
     if step < warmup:
         return 1 / warmup + (1 - 1 / warmup) * step / warmup
     return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))

@@ -1183,6 +1183,19 @@ def test_label_smoothing_reaches_the_loss(smoothing):
                                                                           label_smoothing=other).item(), rel=1e-4)
 
 
+def test_a_run_shorter_than_its_warmup_still_anneals():
+    import train
+
+    def factors(total: int, warmup: int) -> list[float]:
+        return [train.lr_factor(step, total, "cosine", warmup, step_every=1) for step in range(total)]
+
+    short = factors(10, warmup=20)  # one epoch of ten batches, two epochs of warmup
+    assert max(short) == pytest.approx(1.0)  # it reaches the peak...
+    assert short[-1] < 0.1  # ...and anneals, rather than warming up to the peak on its last step
+    long = factors(1000, warmup=20)  # a long run keeps its warmup as given
+    assert long[19] < 1 and long[20] == pytest.approx(1.0)
+
+
 def test_a_rescheduled_run_still_anneals_to_zero_at_its_new_end():
     import train
 
