@@ -223,6 +223,7 @@ def write_split(classes: dict[str, list[Path]], sides: dict[Path, str | None], o
             if stale.name != in_use:
                 remove(stale)
         new = Path(tempfile.mkdtemp(dir=out, prefix=".split-"))
+        os.chmod(new, 0o777 & ~nin.UMASK)  # mkdtemp's 0700 would make the split private to its writer
         try:
             fill(new, classes, sides)
             if links_work(out):

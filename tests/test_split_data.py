@@ -42,6 +42,14 @@ def test_split_is_reproducible_and_seed_dependent(source, tmp_path):
     assert 10 <= list(sides(tmp_path / "a").values()).count("val") <= 45
 
 
+def test_the_split_is_as_readable_as_any_folder_the_user_makes(source, tmp_path):
+    """Other users (or a container running as another uid) read data/train as they would any new folder."""
+    split(source, tmp_path / "a")
+    folder = (tmp_path / "a" / "train").resolve().parent  # the split's own folder, .split-ID
+    assert folder.name.startswith(".split-")
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~nin.UMASK
+
+
 def test_adding_photos_never_moves_existing_ones(source, tmp_path):
     split(source, tmp_path / "data", "--val-ratio", "0.3")
     before = sides(tmp_path / "data")
