@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
         p.error("give one of: image files or folders, --eval DIR, --calibrate SOURCE")
     if args.images and args.json and (args.save or args.heatmap):
         p.error("--json draws no figure of the images: not with --save or --heatmap")
+    if args.images and args.json and args.out_dir is not None:
+        p.error("--json prints the results of the images and writes no CSV of them: not with --out-dir")
     if args.save and not args.images:
         p.error("--save names the figure of the images; --eval writes its figures into --out-dir")
     if args.calibrate and args.not_sure is not None:
@@ -113,13 +115,13 @@ def figure_formats() -> set[str]:
     return set(FigureCanvasBase.get_supported_filetypes())
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: argparse.Namespace, images: list[Path]) -> None:
     """What this run will write can be written: checked before any image is read."""
     if args.save is not None:
         nin.check_output_file(args.save, "--save")
     if args.calibrate is not None:
         nin.check_output_file(args.weights, "--weights")
-    if args.eval or not (args.json or args.calibrate):  # where --eval's files, or predictions.csv, may go
+    if args.eval or (len(images) > 1 and not args.json):  # where --eval's files, or predictions.csv, go
         nin.check_output_folder(args.out_dir, "--out-dir")
 
 
@@ -327,8 +329,8 @@ def show_or_save(fig: Figure, save: Path | None) -> None:
 # --------------------------------------------------------------------------------------------- modes
 
 
-def predict_images(saved: nin.SavedWeights, args: argparse.Namespace, device: torch.device) -> None:
-    paths, classes, threshold = expand(args.images), saved.classes, saved.calibration.not_sure_below
+def predict_images(saved: nin.SavedWeights, paths: list[Path], args: argparse.Namespace, device: torch.device) -> None:
+    classes, threshold = saved.classes, saved.calibration.not_sure_below
     if seen := photos_it_trained_on(saved.trained_on, paths, args.workers):
         nin.warn(f"{paths[0]} is a photo {args.weights} trained on: its answer says little about new photos"
                  if len(paths) == 1 else f"{seen} of these {len(paths)} images are photos {args.weights} trained on: "
@@ -535,7 +537,8 @@ def calibrate_weights(saved: nin.SavedWeights, args: argparse.Namespace, device:
 
 def main() -> None:
     args = parse_args()
-    check_outputs(args)
+    images = expand(args.images)  # none with --eval or --calibrate
+    check_outputs(args, images)
     device = nin.pick_device(args.device)
     saved = load_model(args.weights, args.class_idx, device)
     if args.not_sure is not None:  # the flag wins over the threshold stored with the weights
@@ -545,7 +548,7 @@ def main() -> None:
     elif args.eval:
         evaluate_folder(saved, args, device)
     else:
-        predict_images(saved, args, device)
+        predict_images(saved, images, args, device)
 
 
 if __name__ == "__main__":
