@@ -1298,7 +1298,9 @@ class Clock:
         self.predicted = self.spent() + pace.seconds(args, steps, done_epochs + 1)
         self.predicted_epochs = args.epochs
         hint = ""
-        if args.time is None and self.predicted > 3600:
+        if args.no_cache:  # the timed steps train on images already decoded: streaming adds what they do not see
+            hint = ", plus the decoding --no-cache repeats every epoch"
+        elif args.time is None and self.predicted > 3600:
             hint = "; `--time 30m` trains the best model that fits in 30 minutes"
         within = "" if args.time is None else f" of the {format_duration(args.time)} allowed"
         run.say(f"this run should take {format_estimate(self.predicted)}{within} here{hint}")

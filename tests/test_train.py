@@ -632,6 +632,17 @@ def simulated_plan(monkeypatch) -> tuple:
     return pace, args, steps, budget
 
 
+def test_a_long_prediction_points_to_time_except_beside_no_cache(monkeypatch, capsys):
+    """--time cannot plan a --no-cache run, and that run's timed steps do not see its decoding: it says so."""
+    import train
+
+    monkeypatch.setattr(train.Clock, "spent", lambda self: self.spent_before)  # no real time passes
+    for flags, told in (([], "; `--time 30m` trains the best model"), (["--no-cache"], ", plus the decoding")):
+        train.Clock().predict(synthetic_pace(step=1.0, val=1.0), train.parse_args(flags), 100, 0, cpu_run())
+        line = capsys.readouterr().out
+        assert told in line and ("--time" in line) == (not flags)
+
+
 def test_the_summary_says_when_the_run_was_re_planned_after_its_prediction(monkeypatch, capsys):
     import train
 
