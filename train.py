@@ -417,6 +417,8 @@ def check_device_flags(args: argparse.Namespace, run: Run) -> None:
     """Flags this device cannot honour, refused before any photo is read."""
     if args.amp == "fp16" and run.device.type == "cpu":
         raise nin.CLIError("--amp fp16 is for GPUs: on a CPU use bf16 or off")
+    if args.amp == "bf16" and run.device.type == "mps" and not mps_has_bf16():  # autocast would turn itself off
+        raise nin.CLIError("--amp bf16 on Apple's MPS needs macOS 14 or later: use --amp off here")
     if args.sync_bn and run.world > 1 and run.device.type != "cuda":  # torch's SyncBatchNorm would fail mid-run
         raise nin.CLIError("--sync-bn is for torchrun on CUDA GPUs")
 
@@ -439,6 +441,9 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
         choice = "fp16" if major >= 7 else "off"
         run.say(f"--amp auto: {PRECISION_NAMES[choice]} on this GPU (compute capability {major}.x; bf16 needs 8.0)")
         return choice
+    if run.device.type == "mps" and not mps_has_bf16():
+        run.say("--amp auto: float32 on mps (bf16 autocast on MPS needs macOS 14 or later)")
+        return "off"
     if run.device.type != "cpu":
         run.say(f"--amp auto: bf16 autocast on {run.device.type}")
         return "bf16"
@@ -454,6 +459,11 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
         took = f"a bf16 step took {share:.0%} of a float32 one"
     run.say(f"--amp auto: {PRECISION_NAMES[choice]} on this CPU ({took})")
     return choice
+
+
+def mps_has_bf16() -> bool:
+    """Apple's GPUs compute in bf16 from macOS 14 (Sonoma) on; before it, torch's autocast turns itself off."""
+    return torch.backends.mps.is_macos_or_newer(14, 0)
 
 
 def bf16_share(args: argparse.Namespace, num_classes: int, run: Run) -> float:

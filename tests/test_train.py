@@ -461,7 +461,7 @@ def test_torchrun_refuses_mps_instead_of_training_on_the_cpu(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_flags_the_device_cannot_honour_are_clear_errors_not_a_crash_mid_run(tmp_path):
+def test_flags_the_device_cannot_honour_are_clear_errors_not_a_crash_mid_run(tmp_path, monkeypatch):
     """torch's SyncBatchNorm needs CUDA: under torchrun on the CPU it would fail with a traceback in the first
     step. main() checks these right after choosing the device."""
     import train
@@ -472,6 +472,10 @@ def test_flags_the_device_cannot_honour_are_clear_errors_not_a_crash_mid_run(tmp
     train.check_device_flags(args, train.start_run("cpu"))  # one process: the flag has nothing to synchronise
     with pytest.raises(nin.CLIError, match="--amp fp16 is for GPUs"):
         train.check_device_flags(train.parse_args(["--amp", "fp16"]), cpu_run())
+    mac = dataclasses.replace(cpu_run(), device=torch.device("mps"))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: major < 14)  # a Mac on 13
+    with pytest.raises(nin.CLIError, match="--amp bf16 on Apple's MPS needs macOS 14"):
+        train.check_device_flags(train.parse_args(["--amp", "bf16"]), mac)
     # main() checks them before reading any photo: the missing data folder is never reached.
     refused = run("train.py", "--amp", "fp16", "--device", "cpu", "--data-dir", tmp_path / "missing", cwd=tmp_path,
                   check=False)
@@ -1114,6 +1118,11 @@ def test_amp_given_or_on_a_gpu_is_not_timed(capsys, monkeypatch):
         assert train.choose_amp(args, 3, gpu_run) == chosen
         assert f"--amp auto: {train.PRECISION_NAMES[chosen]} on this GPU (compute capability {capability[0]}.x" \
             in capsys.readouterr().out
+    mac = dataclasses.replace(cpu_run(), device=torch.device("mps"))
+    for version, chosen, said in ((14, "bf16", "bf16 autocast on mps"), (13, "off", "float32 on mps (bf16 autocast")):
+        monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor, v=version: v >= major)
+        assert train.choose_amp(args, 3, mac) == chosen
+        assert f"--amp auto: {said}" in capsys.readouterr().out
 
 
 def test_a_timing_pays_the_one_off_costs_before_it_times(monkeypatch):
