@@ -156,7 +156,7 @@ def main() -> None:
                   saved_epoch=progress.epoch, trained_on=trained_on, clock=clock, run=run)
     if checkpoint is not None:
         saver.resume(checkpoint, learner)
-        set_rng_state(checkpoint.get("rng"), args.seed, progress.epoch, run)
+        continue_random_numbers(checkpoint.get("rng"), args.seed, progress.epoch, run)
     with resume_hint_on_ctrl_c(saver, args.out_dir):
         while progress.epoch < args.epochs:  # --time may re-plan args.epochs after any epoch
             epoch, start = progress.epoch + 1, time.perf_counter()
@@ -1075,7 +1075,7 @@ def measure_pace(args: argparse.Namespace, num_classes: int, steps: int, val_pho
     afterwards, so the run is the same as without the measurement."""
     batch = per_process_batch(args, run)
     sizes = stage_sizes(args.start_size, args.image_size)[-most_epochs(args):]
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+    with random_numbers_put_back(run.device):
         learner = Learner(make_model(num_classes, args), args, steps, run)
         side = nin.resize_size(args.image_size)
         images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=run.device)
@@ -1465,7 +1465,7 @@ class Saver:
         started = time.monotonic()
         nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
                         "best_confusion": progress.best_cm, "best_model": self.best, "history": progress.history,
-                        "classes": self.classes, "seconds_spent": self.clock.spent(), "rng": rng_state(),
+                        "classes": self.classes, "seconds_spent": self.clock.spent(), "rng": rng_state(self.run.device),
                         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}},
                        self.checkpoint)
         self.write_weights(learner)
@@ -1502,21 +1502,42 @@ class Saver:
         nin.save_class_names(self.classes, self.args.class_idx)
 
 
-def rng_state() -> dict:
-    """The random-number state of this process, so that a resumed run draws what the whole run would have."""
+def rng_state(device: torch.device) -> dict:
+    """The random-number state of this process: the CPU's, and the training device's where it has its own
+    (the crops and the mixing are drawn there)."""
     return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "mps": torch.mps.get_rng_state() if device.type == "mps" else None}
 
 
-def set_rng_state(state: dict | None, seed: int, epoch: int, run: Run) -> None:
-    """Continue the random numbers of a checkpoint. Only the first process saves its state, so under torchrun
-    every process starts afresh from its seed and the epoch instead."""
+def put_rng_state(state: dict, device: torch.device) -> None:
+    """Draw on from a state of rng_state: the CPU's, and the device's where it was saved on that kind of device
+    (a run resumed on another kind starts that device's stream afresh)."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
+
+
+@contextlib.contextmanager
+def random_numbers_put_back(device: torch.device) -> Iterator[None]:
+    """What runs inside leaves the random numbers as it found them, on the CPU and on the device."""
+    state = rng_state(device)
+    try:
+        yield
+    finally:
+        put_rng_state(state, device)
+
+
+def continue_random_numbers(state: dict | None, seed: int, epoch: int, run: Run) -> None:
+    """Continue the random numbers of a checkpoint, so that a resumed run draws what the whole run would have.
+    Only the first process saves its state, so under torchrun every process starts afresh from its seed and the
+    epoch instead."""
     if state is None or run.world > 1:
         torch.manual_seed(seed * 100_003 + epoch * 101 + run.rank)
         return
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and run.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"])
+    put_rng_state(state, run.device)
 
 
 @contextlib.contextmanager

@@ -1151,6 +1151,24 @@ def test_resume_keeps_the_runs_amp_unless_the_command_line_gives_one(trained, tm
         assert train.resume(train.parse_args(argv), train.explicit_flags(argv))[0].amp == kept
 
 
+def test_the_random_numbers_on_apples_mps_are_saved_and_put_back(monkeypatch):
+    """On MPS the crops and the mixing are drawn on the device: its stream goes into the checkpoint and is put
+    back after the timing steps, as the CPU's is (torch's own stream stands in for the Mac's here)."""
+    import train
+
+    stream = {"state": torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: stream["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: stream.update(state=state))
+    mac = dataclasses.replace(cpu_run(), device=torch.device("mps"))
+    with train.random_numbers_put_back(mac.device):
+        stream["state"] = torch.tensor([2], dtype=torch.uint8)  # what the timing steps drew
+    assert stream["state"].item() == 1
+    saved = train.rng_state(mac.device)  # as a checkpoint holds it
+    stream["state"] = torch.tensor([3], dtype=torch.uint8)  # the run went on, and was cut
+    train.continue_random_numbers(saved, 0, 5, mac)
+    assert stream["state"].item() == 1
+
+
 def test_timing_a_precision_leaves_the_run_and_its_random_numbers_as_they_were():
     import train
 
