@@ -596,7 +596,7 @@ def out_of_memory(error: BaseException) -> bool:
     """Whether an exception says memory ran out: on the GPU (torch.OutOfMemoryError), in the CPU's allocator
     (a RuntimeError of its own wording) or in Python (MemoryError)."""
     wording = str(error).lower()
-    return (isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))  # torch.OutOfMemoryError, before 2.5 too
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
             or "out of memory" in wording or "can't allocate memory" in wording)
 
 

@@ -78,8 +78,6 @@ def parse_args() -> argparse.Namespace:
         p.error("give one of: image files or folders, --eval DIR, --calibrate SOURCE")
     if args.images and args.json and (args.save or args.heatmap):
         p.error("--json draws no figure of the images: not with --save or --heatmap")
-    if args.images and args.json and args.out_dir is not None:
-        p.error("--json prints the results of the images and writes no CSV of them: not with --out-dir")
     if args.save and not args.images:
         p.error("--save names the figure of the images; --eval writes its figures into --out-dir")
     if args.calibrate and args.not_sure is not None:
@@ -121,7 +119,7 @@ def check_outputs(args: argparse.Namespace, images: list[Path]) -> None:
         nin.check_output_file(args.save, "--save")
     if args.calibrate is not None:
         nin.check_output_file(args.weights, "--weights")
-    if args.eval or (len(images) > 1 and not args.json):  # where --eval's files, or predictions.csv, go
+    if args.eval or (len(images) > 1 and not args.json):  # where --eval's files, or predictions.csv, may go
         nin.check_output_folder(args.out_dir, "--out-dir")
 
 

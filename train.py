@@ -239,8 +239,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="cuda, cuda:1, mps, cpu (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed-precision autocast (fp16 adds loss scaling; off: float32). auto: bf16 on MPS and "
-                        "on CUDA GPUs of compute capability 8.0 or more, fp16 on 7.x, float32 below; on a CPU, "
+                   help="mixed-precision autocast (fp16 adds loss scaling; off: float32). auto: bf16 on MPS (macOS 14 "
+                        "on) and on CUDA GPUs of compute capability 8.0 or more, fp16 on 7.x, float32 below; on a CPU, "
                         f"bf16 only if a few timed steps put it at {round(100 * BF16_SHARE)}%% of float32's time or "
                         "less")
     p.add_argument("--per-process-batch", action="store_true",
@@ -424,7 +424,8 @@ def check_device_flags(args: argparse.Namespace, run: Run) -> None:
 
 
 def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
-    """--amp, with auto made concrete: bf16 on MPS and on CUDA GPUs from compute capability 8.0 (Ampere) on. Older
+    """--amp, with auto made concrete: bf16 on MPS (from macOS 14 on; float32 before, where torch's autocast would
+    turn itself off) and on CUDA GPUs from compute capability 8.0 (Ampere) on. Older
     GPUs have no bf16 in hardware (cuDNN has no bf16 convolutions for them): fp16 with loss scaling on those with
     tensor cores (7.x: a V100, a T4), float32 on those without, which gain nothing from fp16 (chosen from what
     the hardware has; not measured here). On a CPU, bf16 where a step in it takes at most

@@ -396,10 +396,9 @@ def test_names_that_are_not_utf8_are_printed_escaped(trained, photos, tmp_path):
     (["--calibrate", "val", "--top-k", "3"], "--tta, --top-k or --out-dir"),  # even at the default's value
     (["--calibrate", "val", "--out-dir", "x"], "--tta, --top-k or --out-dir"),
     (["x.jpg", "--json", "--heatmap"], "--json draws no figure"),
-    (["x.jpg", "--json", "--save", "p.png"], "--json draws no figure"),
-    (["x.jpg", "--json", "--out-dir", "x"], "writes no CSV of them: not with --out-dir")],
+    (["x.jpg", "--json", "--save", "p.png"], "--json draws no figure")],
     ids=["eval-save", "calibrate-save", "calibrate-not-sure", "calibrate-tta", "calibrate-json", "calibrate-heatmap",
-         "calibrate-top-k", "calibrate-out-dir", "json-heatmap", "json-save", "json-out-dir"])
+         "calibrate-top-k", "calibrate-out-dir", "json-heatmap", "json-save"])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, flags, message):
     assert_clean_error(run("predict.py", *flags, cwd=tmp_path, check=False), message)
 
