@@ -109,6 +109,10 @@ SHORT_RECIPE = {"image_size": 112, "start_size": 80, "batch_size": 32, "mixup": 
 # changes recipe. Below it, the default recipe still gets the budget once the short recipe's whole run fits
 # with time to spare: the spare time would go unused, and the default recipe calibrates better.
 MIN_DEFAULT_EPOCHS = 50
+# On a CPU a step of 32 images trains about as many images a second as one of 64, so a budget buys twice the steps,
+# and the default recipe's 30 minutes cross-validated higher at 32 on two CPU cores (bench/RESULTS.md, the entry
+# that set it). On a GPU a smaller batch only runs slower: there a plan keeps the recipe's.
+CPU_BATCH_SIZE = 32
 PLAN_SHARE = 0.95  # a plan fills this share of --time; the rest absorbs noise, and the last save until it is timed
 VAL_SHARE = 0.03  # validation may take this share of a --time budget; beyond it, some epochs go unvalidated
 VAL_LAST_EPOCHS = 3  # ... but the last epochs are always validated
@@ -1117,12 +1121,15 @@ def timed(work: Callable[[], object], run: Run) -> float:
 
 def plan_for_budget(args: argparse.Namespace, explicit: set[str], photos: tuple[ImageFolder, ImageFolder | None],
                     clock: Clock, run: Run) -> tuple[argparse.Namespace, Pace]:
-    """The settings that fill --time here: the default recipe with as many epochs as fit (at most its own),
-    or, while neither MIN_DEFAULT_EPOCHS of it nor all the short recipe's epochs fit, the short recipe with as
-    many epochs as fit. Flags given on the command line are kept in both. Decoding is estimated from a sample
-    of photos. Flags that set everything the short recipe changes leave one candidate, planned alone. The short
-    recipe is timed first, and the default one at all its sizes only where it may get the budget (plan_candidate).
-    Under torchrun every process times what the others time, and the first one's choice is everyone's."""
+    """The settings that fill --time here: the default recipe with as many epochs as fit (at most its own; on
+    a CPU at batch CPU_BATCH_SIZE), or, while neither MIN_DEFAULT_EPOCHS of it nor all the short recipe's epochs
+    fit, the short recipe with as many epochs as fit. Flags given on the command line are kept in both. Decoding
+    is estimated from a sample of photos. Flags that set everything the short recipe changes leave one candidate,
+    planned alone. The short recipe is timed first, and the default one at all its sizes only where it may get the
+    budget (plan_candidate). Under torchrun every process times what the others time, and the first one's choice
+    is everyone's."""
+    if run.device.type == "cpu" and "batch_size" not in explicit:
+        args = with_settings(args, batch_size=CPU_BATCH_SIZE)
     short = {k: v for k, v in SHORT_RECIPE.items() if k not in explicit}
     if not short:  # the flags leave the short recipe nothing to change: never measured twice, nor called short
         name, plans = "your flags' recipe", {"your flags' recipe": plan_candidate(args, photos, clock, run)}

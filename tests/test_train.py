@@ -704,7 +704,7 @@ def planned(monkeypatch, data_dir: Path, argv: list[str], clock=None):
 @pytest.mark.parametrize("pace,recipe", [(lambda: synthetic_pace(0.01, val=0.1), "default"),
                                          (lambda: synthetic_pace(20.0, val=0.1), "short"),
                                          (short_sizes_cheap_pace, "default, fewer epochs"),
-                                         (lambda: synthetic_pace(9.0, val=0.1), "default, a slow machine"),
+                                         (lambda: synthetic_pace(6.0, val=0.1), "default, a slow machine"),
                                          (lambda: train_pace({80: 0.5, 96: 0.5, 112: 1.0, 128: 1e4, 144: 1e4,
                                                               160: 1e4}), "short, whole")])
 def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_data_dir, capsys, pace, recipe):
@@ -715,7 +715,7 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
     assert args.weight_decay == 2e-3  # given on the command line: kept
     if recipe == "default":  # 120 epochs of 2 steps at 0.01 s fit in 10 minutes
         assert (args.epochs, args.image_size, args.mixup, args.batch_size) == (train.EPOCHS, nin.IMAGE_SIZE,
-                                                                               train.MIXUP, train.BATCH_SIZE)
+                                                                               train.MIXUP, train.CPU_BATCH_SIZE)
     elif recipe == "short, whole":  # not one epoch of the default recipe fits, and the short one's whole run does
         assert args.image_size == train.SHORT_RECIPE["image_size"] and args.epochs == train.EPOCHS
     elif recipe == "short":  # 20 s a step: too few epochs of either recipe, so the short one, with what fits of it
@@ -724,15 +724,24 @@ def test_a_budget_chooses_the_recipe_and_explicit_flags_win(monkeypatch, split_d
         default_epochs = re.search(r"at most (\d+) epochs of the default recipe fit", capsys.readouterr().out)
         assert default_epochs and 0 < int(default_epochs.group(1)) < train.MIN_DEFAULT_EPOCHS  # it says why
     else:  # the default recipe, with what fits of it
-        assert (args.image_size, args.mixup, args.batch_size) == (nin.IMAGE_SIZE, train.MIXUP, train.BATCH_SIZE)
+        assert (args.image_size, args.mixup, args.batch_size) == (nin.IMAGE_SIZE, train.MIXUP, train.CPU_BATCH_SIZE)
         if recipe == "default, fewer epochs":  # ... as the short recipe's whole run would leave time unused
             assert 0 < args.epochs < train.MIN_DEFAULT_EPOCHS
-        else:  # 9 s a step: about half of the short recipe's epochs fit, and more than MIN_DEFAULT_EPOCHS of these
+        else:  # 6 s a step: about half of the short recipe's epochs fit, and more than MIN_DEFAULT_EPOCHS of these
             assert train.MIN_DEFAULT_EPOCHS <= args.epochs < train.EPOCHS
 
 
+def test_on_a_cpu_a_plan_takes_a_batch_of_32_unless_the_batch_is_given(monkeypatch, split_data_dir):
+    import train
+
+    monkeypatch.setattr(train, "measure_pace", lambda args, *rest: synthetic_pace(0.01, val=0.1))
+    for argv, batch in ((["--time", "10m"], train.CPU_BATCH_SIZE), (["--time", "10m", "--batch-size", "64"], 64)):
+        args, _ = planned(monkeypatch, split_data_dir, argv)
+        assert (args.epochs, args.image_size, args.batch_size) == (train.EPOCHS, nin.IMAGE_SIZE, batch)
+
+
 @pytest.mark.parametrize("pace,default_sizes", [(lambda: synthetic_pace(20.0, val=0.1), [[112]]),
-                                                (lambda: synthetic_pace(9.0, val=0.1), [[112], [112, 128, 144, 160]]),
+                                                (lambda: synthetic_pace(6.0, val=0.1), [[112], [112, 128, 144, 160]]),
                                                 (short_sizes_cheap_pace, [[112, 128, 144, 160]])])
 def test_the_default_recipe_is_timed_whole_only_where_it_may_get_the_budget(monkeypatch, split_data_dir, pace,
                                                                            default_sizes):
