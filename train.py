@@ -210,7 +210,8 @@ def arg_parser() -> argparse.ArgumentParser:
                         "then chooses the recipe and the epochs that fit (other flags given explicitly win; "
                         "not with --epochs or --no-cache)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per optimizer step")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"images per optimizer step (a --time plan on a CPU takes {CPU_BATCH_SIZE} unless it is given)")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate")
     p.add_argument("--momentum", type=float, default=MOMENTUM, help="SGD momentum (nesterov) / Adam beta1")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="L2 penalty (decoupled for adamw)")
