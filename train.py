@@ -63,6 +63,7 @@ START_SIZE = 112  # progressive resizing from this side up to --image-size (0: o
 DROPOUT = 0.0
 MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
 CUTMIX = 1.0
+UNMIXED_EPOCHS = 0  # the last this many epochs train on whole photos with their own labels (0: mixing to the end)
 EMA_DECAY = 0.0  # 0 turns the weight average off
 SEED = 0
 
@@ -76,7 +77,7 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "history", "args"
                    "best_confusion"}
 # What a checkpoint written before these flags and settings existed was trained with (not today's defaults).
 BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best",
-                       "time": None, "val_every": 1, "plan_epochs": None}
+                       "time": None, "val_every": 1, "plan_epochs": None, "unmixed_epochs": 0}
 # Writing the checkpoint and NiN.pth takes a sizeable share of a GPU epoch, so after an epoch they are saved
 # only when this long has passed since the last save, and after the last epoch; where epochs are longer than
 # this, as on most CPUs, every epoch is saved.
@@ -235,6 +236,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=float, default=MIXUP, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=CUTMIX,
                    help="CutMix alpha (0: off); with --mixup too, each batch gets one of the two")
+    p.add_argument("--unmixed-epochs", type=int, default=UNMIXED_EPOCHS,
+                   help="train the last this many epochs without --mixup and --cutmix (the last of a --time plan)")
     p.add_argument("--ema", type=float, default=EMA_DECAY,
                    help="decay of an exponential moving average of the weights, which is then validated and "
                         "saved instead of them (0: off); it ramps up as (1+t)/(10+t) over the first steps")
@@ -290,6 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
               (0 <= args.head_width <= nin.MAX_HEAD_WIDTH, f"--head-width must be between 0 and {nin.MAX_HEAD_WIDTH}"),
               (0 <= args.mixup <= 100 and 0 <= args.cutmix <= 100, "--mixup and --cutmix must be between 0 and 100"),
+              (0 <= args.unmixed_epochs <= 100_000, "--unmixed-epochs must be between 0 and 100000"),
               (0 <= args.ema < 1, "--ema must be in [0, 1)"),
               (0 <= args.warmup_epochs <= 100_000, "--warmup-epochs must be between 0 and 100000"),
               (1 <= args.step_epochs <= 100_000, "--step-epochs must be between 1 and 100000"),
@@ -855,6 +859,7 @@ class Learner:
             self.optimizer, lambda step: lr_factor(step, self.total_steps, args.schedule, self.warmup_steps,
                                                    args.step_epochs * steps_per_epoch))
         self.mixer = make_mixer(args.mixup, args.cutmix, model.num_classes)
+        self.unmixed_steps = args.unmixed_epochs * steps_per_epoch
         self.ema = make_ema(self.model, args.ema) if args.ema > 0 else None
         self.label_smoothing, self.min_crop_scale, self.run = args.label_smoothing, args.min_crop_scale, run
         # Under torchrun the optimizer steps through a DistributedDataParallel wrapper, which averages the
@@ -877,7 +882,9 @@ class Learner:
     def step(self, images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment a batch of cached images, take one optimizer step on it, and move the schedule and the
         weight average on; returns the (detached) loss and logits."""
-        x, targets = augment(images, labels, size, self.min_crop_scale, self.mixer)
+        # Counted back from the schedule's last step, so a --time re-plan moves the unmixed epochs with the end.
+        mixing = self.scheduler.last_epoch < self.total_steps - self.unmixed_steps
+        x, targets = augment(images, labels, size, self.min_crop_scale, self.mixer if mixing else None)
         loss, logits = optimize(self.stepped, self.optimizer, self.run.scaler, x, targets, self.label_smoothing,
                                 self.run.autocast)
         self.scheduler.step()

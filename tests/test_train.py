@@ -1260,6 +1260,25 @@ def test_a_rescheduled_run_still_anneals_to_zero_at_its_new_end():
     assert learner.lr == pytest.approx(0.0, abs=1e-12)  # ...and reaches 0 at the end of epoch 5
 
 
+def test_the_unmixed_epochs_are_the_last_ones_and_move_with_a_re_plan(monkeypatch):
+    import train
+
+    args = train.parse_args(["--epochs", "4", "--image-size", "64", "--unmixed-epochs", "1"])
+    learner = train.Learner(train.make_model(3, args), args, steps_per_epoch=2, run=cpu_run())
+    mixed = []
+    augment = train.augment
+    monkeypatch.setattr(train, "augment", lambda *a: (mixed.append(a[-1] is not None), augment(*a))[1])
+
+    def epoch() -> None:
+        for _ in range(learner.steps_per_epoch):
+            learner.step(torch.randint(0, 256, (4, 3, 72, 72), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 64)
+
+    epoch()
+    learner.reschedule(3)  # a --time re-plan: the run now ends after epoch 3, and its last epoch is unmixed
+    epoch(), epoch()
+    assert mixed == [True, True, True, True, False, False]
+
+
 def test_a_machine_that_slows_down_midway_ends_on_time_with_the_schedule_finished(split_data_dir, tmp_path,
                                                                                  monkeypatch):
     """--time's contract when the machine slows down: from the first weights saved on, every normalised batch
