@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -53,7 +54,9 @@ def download(url: str, dest: Path) -> None:
                     out.write(chunk)
                     bar.update(len(chunk))
         os.replace(part, dest)
-    except OSError as error:
+    # A connection cut mid-body raises http.client.IncompleteRead, not an OSError; a garbled Content-Length, a
+    # ValueError.
+    except (OSError, http.client.HTTPException, ValueError) as error:
         part.unlink(missing_ok=True)
         raise nin.CLIError(f"download of {url} failed ({error}); download it by hand and pass --archive FILE, "
                        f"or pass --source DIR") from None

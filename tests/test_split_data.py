@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import shutil
@@ -427,21 +428,24 @@ def test_a_corrupt_download_is_deleted_and_an_archive_already_there_kept(tmp_pat
 class FakeResponse(io.BytesIO):
     """What urlopen returns, serving `payload`, optionally failing after `fail_after` bytes."""
 
-    def __init__(self, payload: bytes, fail_after: int | None = None):
+    def __init__(self, payload: bytes, fail_after: int | None = None, failure: Exception | None = None):
         super().__init__(payload)
         self.headers = {"Content-Length": str(len(payload))}
-        self.fail_after = fail_after
+        self.fail_after, self.failure = fail_after, failure
 
     def read(self, size=-1):
         if self.fail_after is not None and self.tell() >= self.fail_after:
-            raise ConnectionResetError("connection reset by peer")
+            raise self.failure
         return super().read(min(size, 4) if size > 0 else size)
 
 
-@pytest.mark.parametrize("fail_after", [None, 8])
-def test_download_is_complete_or_absent(tmp_path, monkeypatch, fail_after):
+@pytest.mark.parametrize("fail_after,failure", [(None, None), (8, ConnectionResetError("connection reset by peer")),
+                                                (8, http.client.IncompleteRead(b"01234567", 8))])
+def test_download_is_complete_or_absent(tmp_path, monkeypatch, fail_after, failure):
+    """A download cut by a reset (an OSError) or mid-body (http.client's IncompleteRead, which is not one) is a
+    one-line error that leaves no partial file."""
     monkeypatch.setattr(split_data.urllib.request, "urlopen",
-                        lambda url, timeout: FakeResponse(b"0123456789abcdef", fail_after))
+                        lambda url, timeout: FakeResponse(b"0123456789abcdef", fail_after, failure))
     dest = tmp_path / "flower_photos.tgz"
     (tmp_path / "flower_photos.tgz.part").write_bytes(b"left by an interrupted run")
     if fail_after is None:
