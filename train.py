@@ -303,7 +303,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "give --time or --epochs, not both: --time chooses the epochs"),
               (not args.faithful or "dropout" not in given,
                "--faithful has the classic dropout (0.5): not with --dropout"),
-              (args.time is None or not args.no_cache, "--time plans from the decode-once cache: not with --no-cache")]
+              (args.time is None or not args.no_cache, "--time plans from the decode-once cache: not with --no-cache"),
+              (args.time is None or args.schedule == "cosine",
+               "--time lays a cosine out over the epochs it plans, to 0 at its end: not with --schedule step")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -328,6 +330,12 @@ def check_outputs(args: argparse.Namespace) -> None:
     nin.check_output_file(args.weights, "--weights")
     nin.check_output_file(args.class_idx, "--class-idx")
     nin.check_output_folder(args.out_dir, "--out-dir")
+
+
+def saved_args(args: argparse.Namespace) -> dict:
+    """The run's settings as the checkpoint keeps them: paths made absolute, so that --resume from another
+    folder finds the same data."""
+    return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def checkpoint_path(out_dir: Path) -> Path:
@@ -1482,7 +1490,7 @@ class Saver:
         nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
                         "best_confusion": progress.best_cm, "best_model": self.best, "history": progress.history,
                         "classes": self.classes, "seconds_spent": self.clock.spent(), "rng": rng_state(self.run.device),
-                        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}},
+                        "args": saved_args(self.args)},
                        self.checkpoint)
         self.write_weights(learner)
         self.saved_epoch, self.saved_at = progress.epoch, time.monotonic()

@@ -598,7 +598,8 @@ def test_bad_durations_are_one_line_errors(tmp_path, text):
 
 
 @pytest.mark.parametrize("flags,named", [(["--epochs", "5"], "not both"), (["--epoch", "5"], "--epoch"),
-                                         (["--no-cache"], "not with --no-cache")])
+                                         (["--no-cache"], "not with --no-cache"),
+                                         (["--schedule", "step"], "not with --schedule step")])
 def test_time_with_flags_it_cannot_plan_around_is_refused(tmp_path, flags, named):
     assert_clean_error(run("train.py", "--time", "30m", *flags, cwd=tmp_path, check=False), named)
 
@@ -1448,15 +1449,18 @@ def test_nin_pth_is_written_again_from_the_checkpoint_on_resume(trained, tmp_pat
 
 
 def test_resume_of_a_moved_run_folder_writes_there(split_data_dir, tmp_path):
+    """Started with paths relative to one folder, moved, and resumed from another folder."""
     first = tmp_path / "first"
-    run("train.py", "--data-dir", split_data_dir, *TRAIN_FLAGS, "--epochs", "1", "--out-dir", first,
-        "--weights", first / "NiN.pth", "--class-idx", first / "c.json", cwd=tmp_path)
+    copy_of_split(split_data_dir, tmp_path)
+    run("train.py", "--data-dir", "data", *TRAIN_FLAGS, "--epochs", "1", "--out-dir", "first",
+        "--weights", "first/NiN.pth", "--class-idx", "first/c.json", cwd=tmp_path)
     checkpoint = torch.load(first / "checkpoint.pth", weights_only=True)
     checkpoint["args"]["epochs"] = 2  # as if it had been cut short
     torch.save(checkpoint, first / "checkpoint.pth")
     shutil.move(first, tmp_path / "moved")
     (tmp_path / "moved" / "NiN.pth").unlink()  # the resumed run must write it, and in its new place
-    run("train.py", "--resume", "--out-dir", tmp_path / "moved", cwd=tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    run("train.py", "--resume", "--out-dir", tmp_path / "moved", cwd=tmp_path / "elsewhere")
     assert not first.exists()  # nothing written back into the old place
     assert len(nin.load_csv(tmp_path / "moved" / "metrics.csv")) == 2
     resumed = torch.load(tmp_path / "moved" / "checkpoint.pth", weights_only=True)
