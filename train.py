@@ -449,8 +449,8 @@ def choose_amp(args: argparse.Namespace, num_classes: int, run: Run) -> str:
     BF16_SHARE of a float32 step. A CPU with native bf16 (AMX, AVX512-BF16) about halves the step; one without
     emulates bf16 and may well be slower, so it is timed rather than guessed from the CPU's name: first on
     PROBE_BATCH images, which gives emulated bf16 away cheaply, then, unless bf16 was over EMULATED_BF16_STEPS
-    times slower there, at the run's batch. Timed at the full image size of the flags' recipe, before a --time
-    plan may choose a smaller one: a CPU that has bf16 has it at every size. Decided per process start, like
+    times slower there, at the flags' batch. Timed at the full image size and batch of the flags' recipe, before a
+    --time plan may choose smaller ones: a CPU that has bf16 has it at every size. Decided per process start, like
     --device: a resumed run may be on another machine. Under torchrun the processes decide on their mean
     timings, so all take the same choice."""
     if args.amp != "auto":
