@@ -63,7 +63,7 @@ START_SIZE = 112  # progressive resizing from this side up to --image-size (0: o
 DROPOUT = 0.0
 MIXUP = 0.2  # Beta(alpha, alpha) mixing; 0 turns it off
 CUTMIX = 1.0
-UNMIXED_EPOCHS = 0  # the last this many epochs train on whole photos with their own labels (0: mixing to the end)
+UNMIXED_SHARE = 0.0  # this share of the epochs, at the end, trains on whole photos with their own labels
 EMA_DECAY = 0.0  # 0 turns the weight average off
 SEED = 0
 
@@ -77,7 +77,7 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "history", "args"
                    "best_confusion"}
 # What a checkpoint written before these flags and settings existed was trained with (not today's defaults).
 BEFORE_FLAG_EXISTED = {"head_width": 0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "start_size": 0, "keep": "best",
-                       "time": None, "val_every": 1, "plan_epochs": None, "unmixed_epochs": 0}
+                       "time": None, "val_every": 1, "plan_epochs": None, "unmixed_share": 0.0}
 # Writing the checkpoint and NiN.pth takes a sizeable share of a GPU epoch, so after an epoch they are saved
 # only when this long has passed since the last save, and after the last epoch; where epochs are longer than
 # this, as on most CPUs, every epoch is saved.
@@ -236,8 +236,9 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=float, default=MIXUP, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=CUTMIX,
                    help="CutMix alpha (0: off); with --mixup too, each batch gets one of the two")
-    p.add_argument("--unmixed-epochs", type=int, default=UNMIXED_EPOCHS,
-                   help="train the last this many epochs without --mixup and --cutmix (the last of a --time plan)")
+    p.add_argument("--unmixed-share", type=float, default=UNMIXED_SHARE,
+                   help="train this share of the epochs, the last ones (of a --time plan too), without --mixup and "
+                        "--cutmix")
     p.add_argument("--ema", type=float, default=EMA_DECAY,
                    help="decay of an exponential moving average of the weights, which is then validated and "
                         "saved instead of them (0: off); it ramps up as (1+t)/(10+t) over the first steps")
@@ -293,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
               (0 <= args.head_width <= nin.MAX_HEAD_WIDTH, f"--head-width must be between 0 and {nin.MAX_HEAD_WIDTH}"),
               (0 <= args.mixup <= 100 and 0 <= args.cutmix <= 100, "--mixup and --cutmix must be between 0 and 100"),
-              (0 <= args.unmixed_epochs <= 100_000, "--unmixed-epochs must be between 0 and 100000"),
+              (0 <= args.unmixed_share < 1, "--unmixed-share must be in [0, 1)"),
               (0 <= args.ema < 1, "--ema must be in [0, 1)"),
               (0 <= args.warmup_epochs <= 100_000, "--warmup-epochs must be between 0 and 100000"),
               (1 <= args.step_epochs <= 100_000, "--step-epochs must be between 1 and 100000"),
@@ -867,7 +868,8 @@ class Learner:
             self.optimizer, lambda step: lr_factor(step, self.total_steps, args.schedule, self.warmup_steps,
                                                    args.step_epochs * steps_per_epoch))
         self.mixer = make_mixer(args.mixup, args.cutmix, model.num_classes)
-        self.unmixed_steps = args.unmixed_epochs * steps_per_epoch
+        self.unmixed_share = args.unmixed_share
+        self.unmixing = False  # once begun, a --time plan that grows does not mix again
         self.ema = make_ema(self.model, args.ema) if args.ema > 0 else None
         self.label_smoothing, self.min_crop_scale, self.run = args.label_smoothing, args.min_crop_scale, run
         # Under torchrun the optimizer steps through a DistributedDataParallel wrapper, which averages the
@@ -890,15 +892,20 @@ class Learner:
     def step(self, images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment a batch of cached images, take one optimizer step on it, and move the schedule and the
         weight average on; returns the (detached) loss and logits."""
-        # Counted back from the schedule's last step, so a --time re-plan moves the unmixed epochs with the end.
-        mixing = self.scheduler.last_epoch < self.total_steps - self.unmixed_steps
-        x, targets = augment(images, labels, size, self.min_crop_scale, self.mixer if mixing else None)
+        self.unmixing = self.unmixing or self.scheduler.last_epoch >= self.mixed_steps()
+        x, targets = augment(images, labels, size, self.min_crop_scale, None if self.unmixing else self.mixer)
         loss, logits = optimize(self.stepped, self.optimizer, self.run.scaler, x, targets, self.label_smoothing,
                                 self.run.autocast)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         return loss, logits
+
+    def mixed_steps(self) -> int:
+        """The steps before the unmixed end: whole epochs, counted back from the schedule's end, so that a --time
+        re-plan moves them with it."""
+        epochs = self.total_steps // self.steps_per_epoch
+        return (epochs - round(self.unmixed_share * epochs)) * self.steps_per_epoch
 
     def reschedule(self, epochs: int) -> None:
         """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (when --time

@@ -299,7 +299,7 @@ def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path
              "--class-idx", tmp_path / "c.json"]
     run("train.py", *flags, cwd=tmp_path)
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    for newer in ("head_width", "mixup", "cutmix", "ema", "start_size"):  # as written by an older train.py
+    for newer in ("head_width", "mixup", "cutmix", "ema", "start_size", "unmixed_share"):  # as an older train.py wrote
         del checkpoint["args"][newer]
     del checkpoint["history"][0]["size"]
     checkpoint["args"]["epochs"] = 2
@@ -411,7 +411,7 @@ def test_half_swapped_split_is_refused(tmp_path, split_data_dir):
                                         ("--momentum", "-1"), ("--momentum", "1"), ("--warmup-epochs", "inf"),
                                         ("--seed", str(2**70)), ("--head-width", "1000000"),
                                         ("--image-size", "100000"), ("--weight-decay", "nan"), ("--cutmix", "inf"),
-                                        ("--label-smoothing", "1")])
+                                        ("--label-smoothing", "1"), ("--unmixed-share", "1")])
 def test_nonsense_flags_are_refused(tmp_path, flag, value):
     assert_clean_error(run("train.py", flag, value, cwd=tmp_path, check=False), flag)
 
@@ -1261,22 +1261,24 @@ def test_a_rescheduled_run_still_anneals_to_zero_at_its_new_end():
     assert learner.lr == pytest.approx(0.0, abs=1e-12)  # ...and reaches 0 at the end of epoch 5
 
 
-def test_the_unmixed_epochs_are_the_last_ones_and_move_with_a_re_plan(monkeypatch):
+def test_the_unmixed_share_is_the_last_epochs_moves_with_a_re_plan_and_stays(monkeypatch):
     import train
 
-    args = train.parse_args(["--epochs", "4", "--image-size", "64", "--unmixed-epochs", "1"])
-    learner = train.Learner(train.make_model(3, args), args, steps_per_epoch=2, run=cpu_run())
+    args = train.parse_args(["--epochs", "8", "--image-size", "64", "--unmixed-share", "0.25"])
+    learner = train.Learner(train.make_model(3, args), args, steps_per_epoch=1, run=cpu_run())
     mixed = []
     augment = train.augment
     monkeypatch.setattr(train, "augment", lambda *a: (mixed.append(a[-1] is not None), augment(*a))[1])
 
-    def epoch() -> None:
-        for _ in range(learner.steps_per_epoch):
+    def epochs(n: int) -> None:
+        for _ in range(n):
             learner.step(torch.randint(0, 256, (4, 3, 72, 72), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 64)
 
-    epoch()
-    learner.reschedule(3)  # a --time re-plan: the run now ends after epoch 3, and its last epoch is unmixed
-    epoch(), epoch()
+    epochs(4)  # of 8: the last 2 would be unmixed
+    learner.reschedule(6)  # a --time re-plan shrinks the run: its epochs 5 and 6 are the unmixed end now
+    epochs(1)
+    learner.reschedule(12)  # and grows it again: what is unmixed stays unmixed
+    epochs(1)
     assert mixed == [True, True, True, True, False, False]
 
 
