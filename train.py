@@ -178,7 +178,7 @@ def main() -> None:
             validate = data.val is not None and (last or validates(epoch, args.epochs, args.val_every))
             val_loss, val_cm = evaluate(learner.final, *data.val, len(data.classes), run) if validate else (None, None)
             improved = progress.record(epoch, train_loss, train_acc, val_loss, val_cm, lr, size,
-                                       time.perf_counter() - start)
+                                       time.perf_counter() - start, mixed=learner.mixes())
             saver.after_epoch(learner, progress, improved, last=last)
             barrier()  # under torchrun the others wait for the first one's save here, not in the next epoch's time
             run.say(progress.line(args.epochs, improved), write=tqdm.write)
@@ -902,6 +902,10 @@ class Learner:
             self.ema.update_parameters(self.model)
         return loss, logits
 
+    def mixes(self) -> bool:
+        """Whether the last step mixed its batch (mixup or CutMix), as every step of its epoch did."""
+        return self.mixer is not None and not self.unmixing
+
     def mixed_steps(self) -> int:
         """The steps before the unmixed end: whole epochs, counted back from the schedule's end, so that a --time
         re-plan moves them with it."""
@@ -1420,13 +1424,15 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, args: argparse.Namespace) -> Progress:
-        # Each epoch's training size; a checkpoint from before that column gets it from its settings.
-        history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size), **h}
-                   for h in checkpoint["history"]]
+        # Each epoch's training size and mixing; a checkpoint from before those columns gets them from its settings
+        # (it mixed every epoch: it is older than --unmixed-share too).
+        mixed = int(args.mixup > 0 or args.cutmix > 0)
+        history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size),
+                    "mixed": mixed, **h} for h in checkpoint["history"]]
         return cls(history, checkpoint["best_acc"], checkpoint["best_confusion"])
 
     def record(self, epoch: int, train_loss: float, train_acc: float, val_loss: float | None,
-               val_cm: torch.Tensor | None, lr: float, size: int, seconds: float) -> bool:
+               val_cm: torch.Tensor | None, lr: float, size: int, seconds: float, *, mixed: bool) -> bool:
         """Add the epoch's row; whether it is the best on val so far (the same in every process: val_cm is
         summed over them). Compared as metrics.csv holds it (4 digits), so that the best epoch kept here is the one
         best_validated finds there: the first of equal accuracies."""
@@ -1434,7 +1440,7 @@ class Progress:
         self.history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
                              "val_loss": "" if val_loss is None else round(val_loss, 4),
                              "val_acc": "" if val_acc is None else val_acc, "lr": f"{lr:.3g}",
-                             "size": size, "seconds": round(seconds, 1)})
+                             "size": size, "seconds": round(seconds, 1), "mixed": int(mixed)})
         improved = val_acc is not None and (self.best_cm is None or val_acc > self.best_acc)
         if improved:
             self.best_acc, self.best_cm = val_acc, val_cm
@@ -1445,8 +1451,17 @@ class Progress:
         h = self.history[-1]
         val = ("no val" if h["val_acc"] == "" else
                f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{' *' if improved else '  '}")
+        unmixed = "  unmixed" if unmixed_epochs(self.history) and not int(h["mixed"]) else ""
         return (f"epoch {h['epoch']:3d}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
-                f"{val}  lr {h['lr']}  {h['size']} px  {h['seconds']:.1f}s")
+                f"{val}  lr {h['lr']}  {h['size']} px{unmixed}  {h['seconds']:.1f}s")
+
+
+def unmixed_epochs(history: list[dict]) -> list[int]:
+    """The epochs that trained on whole photos after others had mixed them (--unmixed-share): none in a run that
+    never mixes."""
+    if not any(int(h["mixed"]) for h in history):
+        return []
+    return [h["epoch"] for h in history if not int(h["mixed"])]
 
 
 def validated_epochs(history: list[dict]) -> list[dict]:
@@ -1634,6 +1649,11 @@ def save_curves(progress: Progress, path: Path) -> None:
             if size != before:
                 for ax in (loss_ax, acc_ax):
                     ax.axvline(epoch - 0.5, color="grey", linewidth=0.8, alpha=0.5)
+    unmixed = unmixed_epochs(history)
+    if unmixed:  # the train curves jump where mixing stops: whole photos are easier to fit than mixed ones
+        for ax in (loss_ax, acc_ax):
+            ax.axvspan(unmixed[0] - 0.5, unmixed[-1] + 0.5, color="tab:orange", alpha=0.12,
+                       label="unmixed" if ax is acc_ax else None)
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.5" ticks on short runs

@@ -27,8 +27,12 @@ import nin
 def test_training_learns_and_writes_every_output(trained):
     rows = nin.load_csv(trained["run"] / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "size", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "size", "seconds",
+                            "mixed"}
     assert {r["size"] for r in rows} == {"64"}
+    assert [r["mixed"] for r in rows] == ["1"] * 5 + ["0"]  # the default --unmixed-share: the last eighth, rounded
+    epoch_lines = [line for line in trained["stdout"].splitlines() if line.startswith("epoch ")]
+    assert ["unmixed" in line for line in epoch_lines] == [False] * 5 + [True]
     best = max(float(r["val_acc"]) for r in rows)
     assert best >= 0.9  # three classes: chance is 0.33
     saved = nin.load_weights(trained["weights"])
@@ -301,12 +305,13 @@ def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     for newer in ("head_width", "mixup", "cutmix", "ema", "start_size", "unmixed_share"):  # as an older train.py wrote
         del checkpoint["args"][newer]
-    del checkpoint["history"][0]["size"]
+    del checkpoint["history"][0]["size"], checkpoint["history"][0]["mixed"]
     checkpoint["args"]["epochs"] = 2
     torch.save(checkpoint, out / "checkpoint.pth")
     result = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
     assert "resumed" in result.stdout
-    assert [(r["epoch"], r["size"]) for r in nin.load_csv(out / "metrics.csv")] == [("1", "64"), ("2", "64")]
+    rows = nin.load_csv(out / "metrics.csv")
+    assert [(r["epoch"], r["size"], r["mixed"]) for r in rows] == [("1", "64", "0"), ("2", "64", "0")]  # no mixing
 
 
 @pytest.mark.parametrize("problem", ["missing", "val missing", "empty", "a file"])
@@ -355,8 +360,8 @@ def test_the_best_epoch_kept_is_the_one_metrics_csv_names():
 
     progress = train.Progress()
     first, second = torch.tensor([[91241, 8759], [0, 0]]), torch.tensor([[91243, 8757], [0, 0]])  # 91.241, 91.243 %
-    assert progress.record(1, 1.0, 0.5, 0.3, first, 0.1, 64, 1.0)
-    assert not progress.record(2, 1.0, 0.5, 0.3, second, 0.1, 64, 1.0)  # both 0.9124 in metrics.csv
+    assert progress.record(1, 1.0, 0.5, 0.3, first, 0.1, 64, 1.0, mixed=True)
+    assert not progress.record(2, 1.0, 0.5, 0.3, second, 0.1, 64, 1.0, mixed=True)  # both 0.9124 in metrics.csv
     assert train.best_validated(progress.history)["epoch"] == 1 and progress.best_cm is first
 
 
@@ -613,7 +618,7 @@ def test_curves_of_a_run_whose_last_epoch_was_not_validated(tmp_path):
 
     progress = train.Progress()
     for epoch, cm in ((1, torch.tensor([[3, 1], [0, 4]])), (2, None)):  # epoch 2 skipped validation
-        progress.record(epoch, 1.0, 0.5, None if cm is None else 0.7, cm, 0.05, 64, 1.0)
+        progress.record(epoch, 1.0, 0.5, None if cm is None else 0.7, cm, 0.05, 64, 1.0, mixed=True)
     train.save_curves(progress, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -841,13 +846,13 @@ def test_a_time_run_redraws_its_figures_except_in_its_last_seconds(tmp_path, spe
     saver = train.Saver(args, ["a", "b"], keep_last=True, saved_epoch=0, trained_on=None, clock=clock, run=run_)
     curves = tmp_path / "curves.png"
     for epoch in (1, 2):
-        progress.record(epoch, 0.5, 0.5, None, None, 0.05, 64, 1.0)
+        progress.record(epoch, 0.5, 0.5, None, None, 0.05, 64, 1.0, mixed=True)
         saver.saved_at -= train.SAVE_SECONDS  # as if this epoch ended SAVE_SECONDS after the last save...
         saver.drawn_at -= train.FIGURE_SECONDS  # ...and FIGURE_SECONDS after the last drawing
         saver.after_epoch(learner, progress, improved=False, last=False)
         assert (tmp_path / "checkpoint.pth").is_file() and curves.is_file() == (epoch == 1 or redrawn)
         curves.unlink(missing_ok=True)
-    progress.record(3, 0.4, 0.6, None, None, 0.01, 64, 1.0)
+    progress.record(3, 0.4, 0.6, None, None, 0.01, 64, 1.0, mixed=True)
     saver.after_epoch(learner, progress, improved=False, last=True)
     assert curves.is_file()  # the last save draws them
 
@@ -1275,11 +1280,22 @@ def test_the_unmixed_share_is_the_last_epochs_moves_with_a_re_plan_and_stays(mon
             learner.step(torch.randint(0, 256, (4, 3, 72, 72), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 64)
 
     epochs(4)  # of 8: the last 2 would be unmixed
+    assert learner.mixes()
     learner.reschedule(6)  # a --time re-plan shrinks the run: its epochs 5 and 6 are the unmixed end now
     epochs(1)
     learner.reschedule(12)  # and grows it again: what is unmixed stays unmixed
     epochs(1)
-    assert mixed == [True, True, True, True, False, False]
+    assert mixed == [True, True, True, True, False, False] and not learner.mixes()
+
+
+def test_the_log_and_curves_mark_the_unmixed_end_only_of_a_run_that_mixed():
+    import train
+
+    def history(mixed: list[int]) -> list[dict]:
+        return [{"epoch": epoch, "mixed": m} for epoch, m in enumerate(mixed, 1)]
+
+    assert train.unmixed_epochs(history([1, 1, 1, 0, 0])) == [4, 5]
+    assert train.unmixed_epochs(history([0, 0, 0])) == []  # --mixup 0 --cutmix 0: nothing to mark
 
 
 def test_a_machine_that_slows_down_midway_ends_on_time_with_the_schedule_finished(split_data_dir, tmp_path,
