@@ -2,12 +2,12 @@
 
 Each photo is decoded once per run into an in-memory uint8 cache (kept on the training device, and saved
 under data/.cache so the next run skips decoding); augmentation (random-resized crop and flip, then mixup or
-CutMix) is done per batch on that device. --no-cache streams the training photos from disk through DataLoader
-workers instead, for datasets that do not fit in memory (val/ is still decoded once). Writes the weights of
-the best epoch on val (NiN.pth; --keep last: the last epoch's), the class map (class_idx.json), and under
---out-dir a metrics CSV, training curves, the best epoch's confusion matrix and a checkpoint that --resume
-continues from. With a val/ that holds no photos (`split_data.py --val-ratio 0`) every labelled photo trains
-and NiN.pth holds the last epoch's weights.
+CutMix, but not in the last --unmixed-share of the epochs) is done per batch on that device. --no-cache streams
+the training photos from disk through DataLoader workers instead, for datasets that do not fit in memory (val/ is
+still decoded once). Writes the weights of the best epoch on val (NiN.pth; --keep last: the last epoch's), the
+class map (class_idx.json), and under --out-dir a metrics CSV, training curves, the best epoch's confusion matrix
+and a checkpoint that --resume continues from. With a val/ that holds no photos (`split_data.py --val-ratio 0`)
+every labelled photo trains and NiN.pth holds the last epoch's weights.
 
 Under torchrun (torchrun --nproc_per_node=N train.py ...) the same script trains with DistributedDataParallel.
 """
@@ -150,6 +150,7 @@ def main() -> None:
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
         progress = Progress.from_checkpoint(checkpoint, args)
+        learner.unmixing = bool(unmixed_epochs(progress.history))  # once begun, even if a --time plan grows
         clock.spent_before = checkpoint.get("seconds_spent", 0.0)
         best = f" (best val acc {progress.best_acc:.4f})" if data.val else ""
         run.say(f"resumed {checkpoint_path(args.out_dir)} after epoch {progress.epoch}{best}")
@@ -1424,11 +1425,11 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, args: argparse.Namespace) -> Progress:
-        # Each epoch's training size and mixing; a checkpoint from before those columns gets them from its settings
-        # (it mixed every epoch: it is older than --unmixed-share too).
-        mixed = int(args.mixup > 0 or args.cutmix > 0)
+        # Each epoch's training size and mixing; a checkpoint from before those columns gets them from its settings.
+        mixes = args.mixup > 0 or args.cutmix > 0
+        last_mixed = args.epochs - round(args.unmixed_share * args.epochs)
         history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size),
-                    "mixed": mixed, **h} for h in checkpoint["history"]]
+                    "mixed": int(mixes and h["epoch"] <= last_mixed), **h} for h in checkpoint["history"]]
         return cls(history, checkpoint["best_acc"], checkpoint["best_confusion"])
 
     def record(self, epoch: int, train_loss: float, train_acc: float, val_loss: float | None,
@@ -1453,7 +1454,7 @@ class Progress:
                f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{' *' if improved else '  '}")
         unmixed = "  unmixed" if unmixed_epochs(self.history) and not int(h["mixed"]) else ""
         return (f"epoch {h['epoch']:3d}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
-                f"{val}  lr {h['lr']}  {h['size']} px{unmixed}  {h['seconds']:.1f}s")
+                f"{val}  lr {h['lr']}  {h['size']} px  {h['seconds']:.1f}s{unmixed}")
 
 
 def unmixed_epochs(history: list[dict]) -> list[int]:

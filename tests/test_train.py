@@ -1288,7 +1288,7 @@ def test_the_unmixed_share_is_the_last_epochs_moves_with_a_re_plan_and_stays(mon
     assert mixed == [True, True, True, True, False, False] and not learner.mixes()
 
 
-def test_the_log_and_curves_mark_the_unmixed_end_only_of_a_run_that_mixed():
+def test_unmixed_epochs_are_those_after_mixing_stopped_and_older_checkpoints_get_them_from_their_settings():
     import train
 
     def history(mixed: list[int]) -> list[dict]:
@@ -1296,6 +1296,24 @@ def test_the_log_and_curves_mark_the_unmixed_end_only_of_a_run_that_mixed():
 
     assert train.unmixed_epochs(history([1, 1, 1, 0, 0])) == [4, 5]
     assert train.unmixed_epochs(history([0, 0, 0])) == []  # --mixup 0 --cutmix 0: nothing to mark
+    older = {"history": [{"epoch": epoch} for epoch in (1, 2, 3, 4)], "best_acc": 0.0, "best_confusion": None}
+    for flags, mixed in ((["--unmixed-share", "0.5"], [1, 1, 0, 0]), (["--mixup", "0", "--cutmix", "0"], [0] * 4)):
+        args = train.parse_args(["--epochs", "4", *flags])
+        assert [h["mixed"] for h in train.Progress.from_checkpoint(older, args).history] == mixed
+
+
+def test_a_resumed_run_whose_plan_grows_stays_unmixed(split_data_dir, tmp_path):
+    """As a --time plan that grows after a resume: the unmixed end, once begun, does not mix again."""
+    out = tmp_path / "run"
+    flags = [*TRAIN_FLAGS, "--epochs", "2", "--unmixed-share", "0.5", "--data-dir", split_data_dir, "--out-dir", out,
+             "--weights", tmp_path / "NiN.pth", "--class-idx", tmp_path / "c.json"]
+    run("train.py", *flags, cwd=tmp_path)  # epoch 2 unmixed
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    checkpoint["args"]["epochs"] = 6  # grown: counted back from 6, the unmixed end would begin after epoch 3
+    torch.save(checkpoint, out / "checkpoint.pth")
+    result = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
+    assert [r["mixed"] for r in nin.load_csv(out / "metrics.csv")] == ["1"] + ["0"] * 5
+    assert result.stdout.count("  unmixed") == 4  # the resumed epochs 3 to 6
 
 
 def test_a_machine_that_slows_down_midway_ends_on_time_with_the_schedule_finished(split_data_dir, tmp_path,
