@@ -910,8 +910,7 @@ class Learner:
     def mixed_steps(self) -> int:
         """The steps before the unmixed end: whole epochs, counted back from the schedule's end, so that a --time
         re-plan moves them with it."""
-        epochs = self.total_steps // self.steps_per_epoch
-        return (epochs - round(self.unmixed_share * epochs)) * self.steps_per_epoch
+        return mixed_epochs(self.total_steps // self.steps_per_epoch, self.unmixed_share) * self.steps_per_epoch
 
     def reschedule(self, epochs: int) -> None:
         """Lay the rest of the learning-rate schedule out again for a run of `epochs` epochs in all (when --time
@@ -956,6 +955,11 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int, step_every: int
     if step < warmup:
         return 1 / warmup + (1 - 1 / warmup) * step / warmup
     return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
+
+
+def mixed_epochs(epochs: int, unmixed_share: float) -> int:
+    """How many of a run's epochs, from the first, mix their batches: the rest (--unmixed-share) do not."""
+    return epochs - round(unmixed_share * epochs)
 
 
 def make_mixer(mixup: float, cutmix: float, num_classes: int) -> RandomChoice | None:
@@ -1427,7 +1431,7 @@ class Progress:
     def from_checkpoint(cls, checkpoint: dict, args: argparse.Namespace) -> Progress:
         # Each epoch's training size and mixing; a checkpoint from before those columns gets them from its settings.
         mixes = args.mixup > 0 or args.cutmix > 0
-        last_mixed = args.epochs - round(args.unmixed_share * args.epochs)
+        last_mixed = mixed_epochs(args.epochs, args.unmixed_share)
         history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size),
                     "mixed": int(mixes and h["epoch"] <= last_mixed), **h} for h in checkpoint["history"]]
         return cls(history, checkpoint["best_acc"], checkpoint["best_confusion"])
