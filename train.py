@@ -211,7 +211,7 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
                    help="how long the whole run may take, like 90s, 30m or 1h30m: it measures a few steps here, "
                         "then chooses the recipe and the epochs that fit (other flags given explicitly win; "
-                        "not with --epochs or --no-cache)")
+                        "not with --epochs, --no-cache or --schedule step)")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help=f"images per optimizer step (a --time plan on a CPU takes {CPU_BATCH_SIZE} unless it is given)")
