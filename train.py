@@ -179,10 +179,10 @@ def main() -> None:
             validate = data.val is not None and (last or validates(epoch, args.epochs, args.val_every))
             val_loss, val_cm = evaluate(learner.final, *data.val, len(data.classes), run) if validate else (None, None)
             improved = progress.record(epoch, train_loss, train_acc, val_loss, val_cm, lr, size,
-                                       time.perf_counter() - start, mixed=learner.mixes())
+                                       time.perf_counter() - start, mixed=learner.mixes(), planned=args.epochs)
             saver.after_epoch(learner, progress, improved, last=last)
             barrier()  # under torchrun the others wait for the first one's save here, not in the next epoch's time
-            run.say(progress.line(args.epochs, improved), write=tqdm.write)
+            run.say(progress.line(improved), write=tqdm.write)
     run.say(summary(progress, data.classes, saver.keep_last, args.weights))
     run.say(clock.report(args))
     run.say(f"weights in {args.weights}, classes in {args.class_idx}; curves"
@@ -1429,36 +1429,41 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, args: argparse.Namespace) -> Progress:
-        # Each epoch's training size and mixing; a checkpoint from before those columns gets them from its settings.
+        # Each epoch's training size and mixing; a checkpoint from before those columns gets them from its settings,
+        # and its epochs' plans, which a --time run may have changed since, as unknown.
         mixes = args.mixup > 0 or args.cutmix > 0
         last_mixed = mixed_epochs(args.epochs, args.unmixed_share)
         history = [{"size": training_size(h["epoch"], args.epochs, args.start_size, args.image_size),
-                    "mixed": int(mixes and h["epoch"] <= last_mixed), **h} for h in checkpoint["history"]]
+                    "mixed": int(mixes and h["epoch"] <= last_mixed), "planned_epochs": "", **h}
+                   for h in checkpoint["history"]]
         return cls(history, checkpoint["best_acc"], checkpoint["best_confusion"])
 
     def record(self, epoch: int, train_loss: float, train_acc: float, val_loss: float | None,
-               val_cm: torch.Tensor | None, lr: float, size: int, seconds: float, *, mixed: bool) -> bool:
-        """Add the epoch's row; whether it is the best on val so far (the same in every process: val_cm is
-        summed over them). Compared as metrics.csv holds it (4 digits), so that the best epoch kept here is the one
-        best_validated finds there: the first of equal accuracies."""
+               val_cm: torch.Tensor | None, lr: float, size: int, seconds: float, *, mixed: bool,
+               planned: int) -> bool:
+        """Add the epoch's row, with the epochs the run plans in all after it (--time may re-plan); whether it is
+        the best on val so far (the same in every process: val_cm is summed over them). Compared as metrics.csv
+        holds it (4 digits), so that the best epoch kept here is the one best_validated finds there: the first of
+        equal accuracies."""
         val_acc = None if val_cm is None else round(val_cm.diag().sum().item() / val_cm.sum().item(), 4)
         self.history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
                              "val_loss": "" if val_loss is None else round(val_loss, 4),
                              "val_acc": "" if val_acc is None else val_acc, "lr": f"{lr:.3g}",
-                             "size": size, "seconds": round(seconds, 1), "mixed": int(mixed)})
+                             "size": size, "seconds": round(seconds, 1), "mixed": int(mixed),
+                             "planned_epochs": planned})
         improved = val_acc is not None and (self.best_cm is None or val_acc > self.best_acc)
         if improved:
             self.best_acc, self.best_cm = val_acc, val_cm
         return improved
 
-    def line(self, epochs: int, improved: bool) -> str:
+    def line(self, improved: bool) -> str:
         """The last epoch as one line of the log (* marks a new best on val)."""
         h = self.history[-1]
         val = ("no val" if h["val_acc"] == "" else
                f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{' *' if improved else '  '}")
         unmixed = "  unmixed" if unmixed_epochs(self.history) and not int(h["mixed"]) else ""
-        return (f"epoch {h['epoch']:3d}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
-                f"{val}  lr {h['lr']}  {h['size']} px  {h['seconds']:.1f}s{unmixed}")
+        return (f"epoch {h['epoch']:3d}/{h['planned_epochs']}  train loss {h['train_loss']:.4f} "
+                f"acc {h['train_acc']:.4f}  {val}  lr {h['lr']}  {h['size']} px  {h['seconds']:.1f}s{unmixed}")
 
 
 def unmixed_epochs(history: list[dict]) -> list[int]:
@@ -1517,7 +1522,8 @@ class Saver:
         started = time.monotonic()
         nin.save_torch({**learner.state_dict(), "epoch": progress.epoch, "best_acc": progress.best_acc,
                         "best_confusion": progress.best_cm, "best_model": self.best, "history": progress.history,
-                        "classes": self.classes, "seconds_spent": self.clock.spent(), "rng": rng_state(self.run.device),
+                        "classes": self.classes, "seconds_spent": self.clock.spent(),
+                        "predicted_seconds": self.clock.predicted, "rng": rng_state(self.run.device),
                         "args": saved_args(self.args)},
                        self.checkpoint)
         self.write_weights(learner)

@@ -28,7 +28,8 @@ def test_training_learns_and_writes_every_output(trained):
     rows = nin.load_csv(trained["run"] / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "size", "seconds",
-                            "mixed"}
+                            "mixed", "planned_epochs"}
+    assert {r["planned_epochs"] for r in rows} == {"6"}  # no --time: the plan is --epochs throughout
     assert {r["size"] for r in rows} == {"64"}
     assert [r["mixed"] for r in rows] == ["1"] * 5 + ["0"]  # the default --unmixed-share: the last eighth, rounded
     epoch_lines = [line for line in trained["stdout"].splitlines() if line.startswith("epoch ")]
@@ -305,13 +306,15 @@ def test_resume_of_a_checkpoint_from_before_newer_flags(split_data_dir, tmp_path
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     for newer in ("head_width", "mixup", "cutmix", "ema", "start_size", "unmixed_share"):  # as an older train.py wrote
         del checkpoint["args"][newer]
-    del checkpoint["history"][0]["size"], checkpoint["history"][0]["mixed"]
+    for newer in ("size", "mixed", "planned_epochs"):  # columns that metrics.csv did not have then
+        del checkpoint["history"][0][newer]
     checkpoint["args"]["epochs"] = 2
     torch.save(checkpoint, out / "checkpoint.pth")
     result = run("train.py", "--resume", "--out-dir", out, cwd=tmp_path)
     assert "resumed" in result.stdout
     rows = nin.load_csv(out / "metrics.csv")
     assert [(r["epoch"], r["size"], r["mixed"]) for r in rows] == [("1", "64", "0"), ("2", "64", "0")]  # no mixing
+    assert [r["planned_epochs"] for r in rows] == ["", "2"]  # the old epoch's plan unknown, not guessed
 
 
 @pytest.mark.parametrize("problem", ["missing", "val missing", "empty", "a file"])
@@ -360,8 +363,8 @@ def test_the_best_epoch_kept_is_the_one_metrics_csv_names():
 
     progress = train.Progress()
     first, second = torch.tensor([[91241, 8759], [0, 0]]), torch.tensor([[91243, 8757], [0, 0]])  # 91.241, 91.243 %
-    assert progress.record(1, 1.0, 0.5, 0.3, first, 0.1, 64, 1.0, mixed=True)
-    assert not progress.record(2, 1.0, 0.5, 0.3, second, 0.1, 64, 1.0, mixed=True)  # both 0.9124 in metrics.csv
+    assert progress.record(1, 1.0, 0.5, 0.3, first, 0.1, 64, 1.0, mixed=True, planned=3)
+    assert not progress.record(2, 1.0, 0.5, 0.3, second, 0.1, 64, 1.0, mixed=True, planned=3)  # both 0.9124 in the CSV
     assert train.best_validated(progress.history)["epoch"] == 1 and progress.best_cm is first
 
 
@@ -618,7 +621,7 @@ def test_curves_of_a_run_whose_last_epoch_was_not_validated(tmp_path):
 
     progress = train.Progress()
     for epoch, cm in ((1, torch.tensor([[3, 1], [0, 4]])), (2, None)):  # epoch 2 skipped validation
-        progress.record(epoch, 1.0, 0.5, None if cm is None else 0.7, cm, 0.05, 64, 1.0, mixed=True)
+        progress.record(epoch, 1.0, 0.5, None if cm is None else 0.7, cm, 0.05, 64, 1.0, mixed=True, planned=3)
     train.save_curves(progress, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -846,13 +849,13 @@ def test_a_time_run_redraws_its_figures_except_in_its_last_seconds(tmp_path, spe
     saver = train.Saver(args, ["a", "b"], keep_last=True, saved_epoch=0, trained_on=None, clock=clock, run=run_)
     curves = tmp_path / "curves.png"
     for epoch in (1, 2):
-        progress.record(epoch, 0.5, 0.5, None, None, 0.05, 64, 1.0, mixed=True)
+        progress.record(epoch, 0.5, 0.5, None, None, 0.05, 64, 1.0, mixed=True, planned=3)
         saver.saved_at -= train.SAVE_SECONDS  # as if this epoch ended SAVE_SECONDS after the last save...
         saver.drawn_at -= train.FIGURE_SECONDS  # ...and FIGURE_SECONDS after the last drawing
         saver.after_epoch(learner, progress, improved=False, last=False)
         assert (tmp_path / "checkpoint.pth").is_file() and curves.is_file() == (epoch == 1 or redrawn)
         curves.unlink(missing_ok=True)
-    progress.record(3, 0.4, 0.6, None, None, 0.01, 64, 1.0, mixed=True)
+    progress.record(3, 0.4, 0.6, None, None, 0.01, 64, 1.0, mixed=True, planned=3)
     saver.after_epoch(learner, progress, improved=False, last=True)
     assert curves.is_file()  # the last save draws them
 
@@ -883,6 +886,8 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     planned = checkpoint["args"]["plan_epochs"]
     # Planned to fill the budget (an epoch here takes a second or a few on a CPU), or all its epochs fit
     assert predicted_seconds(result.stdout) > 40 / 2 or planned == train.EPOCHS
+    assert round(checkpoint["predicted_seconds"]) == predicted_seconds(result.stdout)  # the prediction, kept
+    assert nin.load_csv(tmp_path / "run" / "metrics.csv")[-1]["planned_epochs"] == str(checkpoint["args"]["epochs"])
     assert checkpoint["args"]["time"] == 40
     took = re.search(r"took (\d+) s", result.stdout)  # train.py's clock, last save included; to the nearest second
     assert took and int(took.group(1)) <= 40, result.stdout
@@ -902,6 +907,7 @@ def test_a_time_budget_is_kept_and_resume_keeps_what_is_left(split_data_dir, tmp
     rows = nin.load_csv(tmp_path / "run" / "metrics.csv")
     saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert saved["seconds_spent"] > 25 and saved["args"]["epochs"] == len(rows) >= 2
+    assert rows[-1]["planned_epochs"] == str(len(rows))  # the resumed run's plan, in its rows
     assert saved["args"]["plan_epochs"] == planned  # the first plan, kept for the record
     assert "stopping after" not in resumed.stdout and rows[-1]["size"] == "80" and rows[-1]["val_acc"] != ""
 
